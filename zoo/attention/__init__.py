@@ -1,0 +1,64 @@
+"""Pure functional attention transforms: arrays in, arrays out, no parameters.
+
+Layout ``[batch, length, heads, head_dim]`` everywhere (as ``jax.nn.dot_product_attention``);
+k/v may have fewer heads than q (grouped-query attention). Every function is safe under
+``jax.jit``, ``jax.vmap`` and ``jax.grad``. See ``names()`` for the registered mechanisms.
+"""
+
+from zoo.attention import feature_maps
+from zoo.attention.linear import (
+    LinearState,
+    alibi_slopes,
+    linear,
+    linear_naive,
+)
+from zoo.attention.linear import init_state as linear_init_state
+from zoo.attention.linear import step as linear_step
+from zoo.attention.registry import Transform, get, names, register
+from zoo.attention.softmax import (
+    KVCache,
+    init_cache,
+    prefill,
+    sigmoid,
+    sliding_window,
+    softmax,
+    softmax_naive,
+    softplus,
+)
+from zoo.attention.softmax import step as softmax_step
+
+register(Transform(
+    "softmax", softmax, reference=softmax_naive, init_state=init_cache, step=softmax_step,
+    description="scaled dot-product softmax attention (sinks, window, log-n scaling options)",
+))
+register(Transform(
+    "sliding_window", sliding_window, init_state=init_cache, step=softmax_step,
+    causal_only=True, description="causal sliding-window softmax attention (needs window=...)",
+))
+register(Transform(
+    "sigmoid", sigmoid, init_state=init_cache,
+    step=lambda *a, **kw: softmax_step(*a, variant="sigmoid", **kw),
+    description="sigmoid attention, bias -log n, no normalisation",
+))
+register(Transform(
+    "softplus", softplus, init_state=init_cache,
+    step=lambda *a, **kw: softmax_step(*a, variant="softplus", **kw),
+    description="length-scaled softplus attention (LSSA; reweight=True for LSSAR)",
+))
+for _name, _fm, _desc in (
+    ("linear", "elu", "linear attention, elu+1 feature map (Katharopoulos et al.)"),
+    ("based", "taylor", "linear attention with BASED's 2nd-order Taylor feature map"),
+    ("hedgehog", "hedgehog", "linear attention with the learnable Hedgehog map (params explicit)"),
+    ("nalaformer", "nalaformer", "NaLaFormer norm-aware linear attention (mean normaliser)"),
+):
+    register(Transform(
+        _name, linear, reference=linear_naive, init_state=linear_init_state, step=linear_step,
+        defaults={"feature_map": _fm, **({"normalize": "mean"} if _fm == "nalaformer" else {})},
+        description=_desc,
+    ))
+
+__all__ = [
+    "KVCache", "LinearState", "Transform", "alibi_slopes", "feature_maps", "get", "init_cache",
+    "linear", "linear_init_state", "linear_naive", "linear_step", "names", "prefill", "register",
+    "sigmoid", "sliding_window", "softmax", "softmax_naive", "softmax_step", "softplus",
+]
