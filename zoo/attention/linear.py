@@ -273,10 +273,11 @@ def _pallas_available() -> bool:
     return hasattr(kernels_pallas, "causal_linear_attention")
 
 
-def _core_pallas(fq, fk, va, g, s0, chunk):
+def _core_pallas(fq, fk, va, decay, s0, chunk):
     import kernels_pallas
 
-    return kernels_pallas.causal_linear_attention(fq, fk, va, g, initial_state=s0, chunk_size=chunk)
+    rate = None if decay is None else jnp.broadcast_to(jnp.asarray(decay, jnp.float32), (fq.shape[2],))
+    return kernels_pallas.causal_linear_attention(fq, fk, va, rate, initial_state=s0, chunk_size=chunk)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -346,7 +347,9 @@ def linear(
     else:
         if not _pallas_available():
             raise ValueError("impl='pallas' needs kernels_pallas.causal_linear_attention (not importable)")
-        num, s_final = _core_pallas(fq, fk, va, g, s0, chunk)
+        if decay is not None and jnp.ndim(decay) == 3:
+            raise ValueError("impl='pallas' supports a per-head decay [heads], not per-token decay")
+        num, s_final = _core_pallas(fq, fk, va, decay, s0, chunk)
     c0 = jnp.zeros((b,), jnp.int32) if initial_state is None else initial_state.count
     counts = (c0[:, None] + jnp.arange(1, tq + 1, dtype=jnp.int32)[None, :]).astype(jnp.float32)
     out = _finish(num, counts[:, :, None, None], normalize=normalize, eps=eps, dtype=v.dtype)
