@@ -6,6 +6,9 @@ k/v may have fewer heads than q (grouped-query attention). Every function is saf
 """
 
 from zoo.attention import feature_maps
+from zoo.attention.aaren import AarenState, aaren, aaren_naive
+from zoo.attention.aaren import init_state as aaren_init_state
+from zoo.attention.aaren import step as aaren_step
 from zoo.attention.linear import (
     LinearState,
     alibi_slopes,
@@ -56,8 +59,13 @@ for _name, _fm, _desc in (
         defaults={"feature_map": _fm, **({"normalize": "mean"} if _fm == "nalaformer" else {})},
         description=_desc,
     ))
+register(Transform(
+    "aaren", aaren, reference=aaren_naive, init_state=aaren_init_state, step=aaren_step,
+    causal_only=True, description="Aaren: attention as an RNN, prefix-scan softmax (learned query)",
+))
 
 __all__ = [
+    "AarenState", "aaren", "aaren_init_state", "aaren_naive", "aaren_step",
     "KVCache", "LinearState", "Transform", "alibi_slopes", "feature_maps", "get", "init_cache",
     "linear", "linear_init_state", "linear_naive", "linear_step", "names", "prefill", "register",
     "sigmoid", "sliding_window", "softmax", "softmax_naive", "softmax_step", "softplus",
