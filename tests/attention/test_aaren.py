@@ -16,6 +16,11 @@ A = importlib.import_module("zoo.attention.aaren")
 B, T, H, D, E = 2, 11, 2, 4, 3
 TOL = 2e-6  # float32 forms vs float32 reference, O(1) values
 
+# Jitted entry points (eager op-by-op dispatch of the scans is slow on a busy CPU).
+aaren = jax.jit(A.aaren, static_argnames=("causal", "impl", "return_state"))
+aaren_naive = jax.jit(A.aaren_naive, static_argnames=("causal",))
+step = jax.jit(A.step)
+
 
 def _inputs(seed=0, hk=H, per_position=False):
     q = rand(seed, B, T, H, D) if per_position else rand(seed, H, D)
@@ -55,24 +60,24 @@ def test_forms_equal_naive_and_numpy(impl, per_position):
     m = _mask()
     for mask in (None, m):
         ref = _dense_prefix_softmax(q, k, v, mask)
-        assert_close(A.aaren_naive(q, k, v, mask=mask), ref, atol=TOL, what="naive vs numpy")
-        assert_close(A.aaren(q, k, v, mask=mask, impl=impl), ref, atol=TOL, what=impl)
+        assert_close(aaren_naive(q, k, v, mask=mask), ref, atol=TOL, what="naive vs numpy")
+        assert_close(aaren(q, k, v, mask=mask, impl=impl), ref, atol=TOL, what=impl)
     # Leading padding outputs exactly 0.
-    assert np.all(np.asarray(A.aaren(q, k, v, mask=m, impl=impl))[1, :3] == 0)
+    assert np.all(np.asarray(aaren(q, k, v, mask=m, impl=impl))[1, :3] == 0)
 
 
 def test_scale_and_grouped_query_heads():
     q, k, v = rand(3, 4, D), rand(4, B, T, 2, D), rand(5, B, T, 2, E)
     kk, vv = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)
     ref = _dense_prefix_softmax(q, kk, vv, scale=0.5)
-    assert_close(A.aaren(q, k, v, scale=0.5), ref, atol=TOL, what="GQA + scale")
+    assert_close(aaren(q, k, v, scale=0.5), ref, atol=TOL, what="GQA + scale")
 
 
 def test_states_and_step_equal_scan():
     q, k, v = _inputs(seed=7)
     m = _mask()
-    out_a, st_a = A.aaren(q, k, v, mask=m, return_state=True)
-    out_s, st_s = A.aaren(q, k, v, mask=m, impl="sequential", return_state=True)
+    out_a, st_a = aaren(q, k, v, mask=m, return_state=True)
+    out_s, st_s = aaren(q, k, v, mask=m, impl="sequential", return_state=True)
     tree_assert_close(st_a, st_s, atol=TOL, what="final state assoc vs seq")
     # Final state by definition: m = max s_i, u = sum exp(s_i - m), w = sum exp(s_i - m) v_i.
     s = np.einsum("hd,bthd->bth", q.astype(np.float64), k)
@@ -86,7 +91,7 @@ def test_states_and_step_equal_scan():
     st = A.init_state(B, H, D, E)
     ys = []
     for t in range(T):
-        y, st = A.step(st, q, k[:, t], v[:, t], mask_t=m[:, t])
+        y, st = step(st, q, k[:, t], v[:, t], mask_t=m[:, t])
         ys.append(y)
     assert_close(jnp.stack(ys, 1), out_a, atol=TOL, what="step vs scan")
     tree_assert_close(st, st_a, atol=TOL, rtol=1e-6, what="step final state")
@@ -95,10 +100,10 @@ def test_states_and_step_equal_scan():
 @pytest.mark.parametrize("impl", ["associative", "sequential"])
 def test_initial_state_splits_sequence(impl):
     q, k, v = _inputs(seed=11, per_position=True)
-    full, st_full = A.aaren(q, k, v, impl=impl, return_state=True)
+    full, st_full = aaren(q, k, v, impl=impl, return_state=True)
     c = 4
-    y1, st1 = A.aaren(q[:, :c], k[:, :c], v[:, :c], impl=impl, return_state=True)
-    y2, st2 = A.aaren(q[:, c:], k[:, c:], v[:, c:], impl=impl, initial_state=st1, return_state=True)
+    y1, st1 = aaren(q[:, :c], k[:, :c], v[:, :c], impl=impl, return_state=True)
+    y2, st2 = aaren(q[:, c:], k[:, c:], v[:, c:], impl=impl, initial_state=st1, return_state=True)
     assert_close(jnp.concatenate([y1, y2], 1), full, atol=TOL, what="split")
     tree_assert_close(st2, st_full, atol=TOL, rtol=1e-6, what="split state")
 
@@ -106,12 +111,12 @@ def test_initial_state_splits_sequence(impl):
 def test_causality():
     q, k, v = _inputs(seed=13, per_position=True)
     j = 6
-    base = A.aaren(q, k, v)
+    base = aaren(q, k, v)
     k2, v2, q2 = k.copy(), v.copy(), q.copy()
     k2[:, j:] += 3.0
     v2[:, j:] -= 2.0
     q2[:, j:] *= -1.0
-    pert = A.aaren(q2, k2, v2)
+    pert = aaren(q2, k2, v2)
     np.testing.assert_array_equal(np.asarray(base)[:, :j], np.asarray(pert)[:, :j])
     assert not np.allclose(np.asarray(base)[:, j:], np.asarray(pert)[:, j:])
 
@@ -119,7 +124,7 @@ def test_causality():
 def test_large_scores_stable():
     """Scores of +-1e4 overflow a naive exp; the combine only exponentiates non-positive numbers."""
     q, k, v = _inputs(seed=17)
-    out = A.aaren(q * 1e3, k * 10, v)
+    out = aaren(q * 1e3, k * 10, v)
     ref = _dense_prefix_softmax(q * 1e3, k * 10, v)
     assert_close(out, ref, atol=1e-5, what="large scores")
 
@@ -130,25 +135,27 @@ def test_gradients_match_naive(impl):
     m = _mask()
     w = rand(20, B, T, H, E)
     loss = lambda f: lambda q, k, v: jnp.sum(w * f(q, k, v, mask=m))
-    g = jax.grad(loss(lambda *a, **kw: A.aaren(*a, impl=impl, **kw)), argnums=(0, 1, 2))(q, k, v)
-    g_ref = jax.grad(loss(A.aaren_naive), argnums=(0, 1, 2))(q, k, v)
+    fast = lambda *a, **kw: A.aaren(*a, impl=impl, **kw)
+    g = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2)))(q, k, v)
+    g_ref = jax.jit(jax.grad(loss(A.aaren_naive), argnums=(0, 1, 2)))(q, k, v)
     for name, a, e in zip("qkv", g, g_ref):
         assert_close(a, e, atol=1e-5, rtol=1e-5, what=f"d{name}")
 
 
 def test_jit_vmap():
     q, k, v = _inputs(seed=23)
-    ref = A.aaren(q, k, v)
-    assert_close(jax.jit(A.aaren, static_argnames=("impl",))(q, k, v, impl="sequential"), ref,
-                 atol=TOL, what="jit")
-    vm = jax.vmap(lambda kb, vb: A.aaren(q, kb[None], vb[None])[0])(k, v)
+    ref = A.aaren_naive(q, k, v)
+    for impl in ("associative", "sequential"):
+        jitted = jax.jit(A.aaren, static_argnames=("impl",))(q, k, v, impl=impl)
+        assert_close(jitted, ref, atol=TOL, what=f"jit {impl}")
+    vm = jax.jit(jax.vmap(lambda kb, vb: A.aaren(q, kb[None], vb[None])[0]))(k, v)
     assert_close(vm, ref, atol=TOL, what="vmap over batch")
 
 
 def test_bf16():
     q, k, v = _inputs(seed=29, per_position=True)
     qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
-    out = A.aaren(qb, kb, vb)
+    out = aaren(qb, kb, vb)
     assert out.dtype == jnp.bfloat16
     ref = _dense_prefix_softmax(*(np.asarray(x, np.float32) for x in (qb, kb, vb)))
     assert_close(out.astype(jnp.float32), ref, atol=3e-2, rtol=2e-2, what="bf16")
@@ -158,16 +165,16 @@ def test_fixture_parity():
     f = fixture("aaren_prefix_scan_attention")
     q, k, v = (np.asarray(f[n], np.float32) for n in "qkv")
     for impl in ("associative", "sequential"):
-        out, st = A.aaren(q, k, v, impl=impl, return_state=True)
+        out, st = aaren(q, k, v, impl=impl, return_state=True)
         assert_close(out, f["out"], atol=1e-5, what=f"fixture out ({impl})")
         assert_close(st.m, f["running_max"][:, -1], atol=1e-5, what="fixture running max")
         # normaliser = sum_{i<=t} exp(s_i - m_t) grows with t (up to ~T): compare relatively.
         assert_close(st.u, f["normalizer"][:, -1], atol=1e-5, rtol=1e-6, what="fixture normaliser")
         assert_close(out.mean(axis=2), f["out_module_mean_heads"], atol=1e-5, what="module mean")
-    assert_close(A.aaren_naive(q, k, v), f["out"], atol=1e-5, what="fixture naive")
+    assert_close(aaren_naive(q, k, v), f["out"], atol=1e-5, what="fixture naive")
     st = A.init_state(k.shape[0], k.shape[2], value_dim=v.shape[-1])
     for t in range(k.shape[1]):
-        y, st = A.step(st, q, k[:, t], v[:, t])
+        y, st = step(st, q, k[:, t], v[:, t])
         assert_close(y, f["out"][:, t], atol=1e-5, what=f"fixture step t={t}")
         assert_close(st.m, f["running_max"][:, t], atol=1e-5, what="fixture step max")
         assert_close(st.u, f["normalizer"][:, t], atol=1e-5, rtol=1e-6, what="step normaliser")
@@ -177,7 +184,7 @@ def test_registered():
     tr = za.get("aaren")
     assert tr.causal_only and tr.step is A.step and tr.reference is A.aaren_naive
     q, k, v = _inputs(seed=31, per_position=True)
-    assert_close(tr(q, k, v, causal=True), A.aaren_naive(q, k, v), atol=TOL, what="registry")
+    assert_close(tr(q, k, v, causal=True), aaren_naive(q, k, v), atol=TOL, what="registry")
 
 
 def test_bad_inputs():
