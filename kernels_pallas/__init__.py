@@ -1,0 +1,23 @@
+"""Pallas kernels of the zoo (GPU via Triton, TPU via Mosaic; interpret mode on CPU).
+
+``causal_linear_attention(q, k, v, decay_rate, *, initial_state, chunk_size) -> (out, final_state)``
+is the tiled causal linear attention of Lightning Attention-2 (Qin et al. 2024) with forward and
+backward kernels; ``zoo.attention.linear(impl="pallas" | "auto")`` calls it. See
+:mod:`kernels_pallas.linear_attention`.
+"""
+
+from kernels_pallas.linear_attention import (
+    BlockSizes,
+    causal_linear_attention,
+    causal_linear_attention_reference,
+    flops,
+    sharded_causal_linear_attention,
+)
+
+__all__ = [
+    "BlockSizes",
+    "causal_linear_attention",
+    "causal_linear_attention_reference",
+    "flops",
+    "sharded_causal_linear_attention",
+]
