@@ -31,6 +31,13 @@ class ZooSynthetic(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Generated tasks of zoo.data (generator version in config name)."}
 
+    # No code directory with checksums / metadata: the generic lookup would also need the
+    # optional `importlib_resources` package for a builder defined inside a package.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> None:
+        return None
+
     def __init__(
         self,
         *,

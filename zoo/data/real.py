@@ -152,12 +152,14 @@ def load_tfds(
         )
     seq_len = R.check_int("seq_len", seq_len, low=1)
     kwargs = {"data_dir": os.fspath(data_dir)} if data_dir is not None else {}
-    raw = tfds.data_source(name, **kwargs)  # {split: ArrayRecordDataSource}
-    if splits is not None:
-        missing = sorted(set(splits) - set(raw))
-        if missing:
-            raise ValueError(f"splits {missing} not in {name!r}: {sorted(raw)}")
-        raw = {s: raw[s] for s in splits}
+    if splits is None:
+        raw = dict(tfds.data_source(name, **kwargs))  # {split: ArrayRecordDataSource}
+        if not raw:
+            raise ValueError(f"no splits found for {name!r}; pass splits=[...]")
+    else:
+        if isinstance(splits, str) or not splits:
+            raise ValueError(f"splits must be a non-empty list of split names, got {splits!r}")
+        raw = dict(zip(splits, tfds.data_source(name, split=list(splits), **kwargs)))
     info = getattr(next(iter(raw.values())), "dataset_info", None)
 
     out: dict[str, Sequence] = {}
