@@ -9,6 +9,9 @@ from zoo.attention import feature_maps
 from zoo.attention.aaren import AarenState, aaren, aaren_naive
 from zoo.attention.aaren import init_state as aaren_init_state
 from zoo.attention.aaren import step as aaren_step
+from zoo.attention.flow import FlowState, flow, flow_naive
+from zoo.attention.flow import init_state as flow_init_state
+from zoo.attention.flow import step as flow_step
 from zoo.attention.linear import (
     LinearState,
     alibi_slopes,
@@ -63,9 +66,14 @@ register(Transform(
     "aaren", aaren, reference=aaren_naive, init_state=aaren_init_state, step=aaren_step,
     causal_only=True, description="Aaren: attention as an RNN, prefix-scan softmax (learned query)",
 ))
+register(Transform(
+    "flow", flow, reference=flow_naive, init_state=flow_init_state, step=flow_step,
+    description="Flow-Attention (Flowformer): sigmoid linear attention with flow conservation",
+))
 
 __all__ = [
     "AarenState", "aaren", "aaren_init_state", "aaren_naive", "aaren_step",
+    "FlowState", "flow", "flow_init_state", "flow_naive", "flow_step",
     "KVCache", "LinearState", "Transform", "alibi_slopes", "feature_maps", "get", "init_cache",
     "linear", "linear_init_state", "linear_naive", "linear_step", "names", "prefill", "register",
     "sigmoid", "sliding_window", "softmax", "softmax_naive", "softmax_step", "softplus",
