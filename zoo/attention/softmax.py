@@ -46,17 +46,17 @@ VARIANTS = ("softmax", "sigmoid", "softplus")
 
 
 # ----------------------------------------------------------------------------- weight functions
-# Each takes logits l [B, H, Tq, Tk] (float32), a bool mask of the same shape and per-row
+# Each takes logits lg [B, H, Tq, Tk] (float32), a bool mask of the same shape and per-row
 # visible counts n [B, H, Tq, 1] (float32), and returns weights (masked entries exactly 0).
 
 
-def _softmax_weights(l, mask, n, *, sink_logit=None):
-    l = jnp.where(mask, l, -jnp.inf)
-    m = jnp.max(l, axis=-1, keepdims=True)
+def _softmax_weights(lg, mask, n, *, sink_logit=None):
+    lg = jnp.where(mask, lg, -jnp.inf)
+    m = jnp.max(lg, axis=-1, keepdims=True)
     if sink_logit is not None:
         m = jnp.maximum(m, sink_logit[None, :, None, None])
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    p = jnp.where(mask, jnp.exp(l - m), 0.0)
+    p = jnp.where(mask, jnp.exp(lg - m), 0.0)
     den = jnp.sum(p, axis=-1, keepdims=True)
     if sink_logit is not None:
         den = den + jnp.exp(sink_logit[None, :, None, None] - m)
@@ -64,12 +64,12 @@ def _softmax_weights(l, mask, n, *, sink_logit=None):
     return p / jnp.where(den > 0, den, 1.0)
 
 
-def _sigmoid_weights(l, mask, n, *, bias):
-    return jnp.where(mask, jax.nn.sigmoid(l + bias), 0.0)
+def _sigmoid_weights(lg, mask, n, *, bias):
+    return jnp.where(mask, jax.nn.sigmoid(lg + bias), 0.0)
 
 
-def _softplus_weights(l, mask, n, *, reweight, power, delta, eps):
-    a = jnp.where(mask, jax.nn.softplus(l), 0.0)
+def _softplus_weights(lg, mask, n, *, reweight, power, delta, eps):
+    a = jnp.where(mask, jax.nn.softplus(lg), 0.0)
     a = a / (jnp.sum(a, axis=-1, keepdims=True) + eps)
     if not reweight:
         return a
@@ -92,8 +92,8 @@ def _logits(q: Array, k: Array, scale: float) -> Array:
     b, tq, h, d = q.shape
     hk = k.shape[2]
     qg = q.astype(jnp.float32).reshape(b, tq, hk, h // hk, d)
-    l = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(jnp.float32))
-    return l.reshape(b, h, tq, k.shape[1]) * scale
+    lg = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(jnp.float32))
+    return lg.reshape(b, h, tq, k.shape[1]) * scale
 
 
 def _apply(w: Array, v: Array, dtype) -> Array:
@@ -122,16 +122,16 @@ def _attend(
         kn = k.astype(jnp.float32)
         qn = qn / jnp.maximum(jnp.linalg.norm(qn, axis=-1, keepdims=True), 1e-12)
         kn = kn / jnp.maximum(jnp.linalg.norm(kn, axis=-1, keepdims=True), 1e-12)
-        l = _logits(qn, kn, 1.0) * (math.log(d) * jnp.log(jnp.maximum(n, 1.0)))
-        w = _softplus_weights(l, mask, n, **softplus_opts)
+        lg = _logits(qn, kn, 1.0) * (math.log(d) * jnp.log(jnp.maximum(n, 1.0)))
+        w = _softplus_weights(lg, mask, n, **softplus_opts)
         return _apply(w, v, v.dtype)
-    l = _logits(q, k, scale) * _logn_factor(n, logn_train_length)
+    lg = _logits(q, k, scale) * _logn_factor(n, logn_train_length)
     if bias is not None and variant == "softmax":
-        l = l + bias
+        lg = lg + bias
     if variant == "softmax":
-        w = _softmax_weights(l, mask, n, sink_logit=sink_logit)
+        w = _softmax_weights(lg, mask, n, sink_logit=sink_logit)
     else:
-        w = _sigmoid_weights(l, mask, n, bias=bias)
+        w = _sigmoid_weights(lg, mask, n, bias=bias)
     return _apply(w, v, v.dtype)
 
 
@@ -211,10 +211,10 @@ def softmax_naive(
     h, hk = q.shape[2], k.shape[2]
     k, v = jnp.repeat(k, h // hk, axis=2), jnp.repeat(v, h // hk, axis=2)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    l = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    lg = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if causal:
-        l = jnp.where(causal_mask(q.shape[1], k.shape[1], window), l, -jnp.inf)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(l, axis=-1), v)
+        lg = jnp.where(causal_mask(q.shape[1], k.shape[1], window), lg, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(lg, axis=-1), v)
 
 
 def sigmoid(
@@ -254,8 +254,10 @@ def softplus(
     L2-normalised ``q^, k^``, head dim ``d`` and ``n_i`` the number of keys query i sees.
     LSSAR: ``w_ij = relu(n_i a_ij - delta_i)^p / (sum_j' relu(...)^p + eps)`` with
     ``delta_i = 0`` for the first three positions and ``delta`` after, computed in the log domain
-    (``exp(p log(.) - max)``) so it stays finite at any length. A uniform row gives all-zero
-    weights (then the output is 0).
+    (``exp(p log(.) - max)``) so it stays finite at any length; ``eps`` is added after that
+    shift, so a row whose re-weighted entries are tiny but positive is still normalised to 1
+    (the direct form would let ``eps`` swamp it). A uniform row (every ``n a <= delta``) gives
+    all-zero weights and output 0.
 
     Form implemented: Gao & Spratling, "Softplus Attention with Re-weighting Boosts Length
     Extrapolation in Large Language Models" (arXiv 2501.13428), as written in the public
@@ -334,7 +336,9 @@ def prefill(cache: KVCache, k: Array, v: Array, *, num_sink_tokens: int = 0) -> 
     if k.ndim != 4 or k.shape[0] != cache.k.shape[0] or k.shape[2:] != cache.k.shape[2:]:
         raise ValueError(f"k must be [batch, length, {cache.k.shape[2]}, {cache.k.shape[3]}]; got {shape_str(k)}")
     if v.shape[:2] != k.shape[:2] or v.shape[2:] != cache.v.shape[2:]:
-        raise ValueError(f"v must be [{k.shape[0]}, {k.shape[1]}, {cache.v.shape[2]}, {cache.v.shape[3]}]; got {shape_str(v)}")
+        raise ValueError(
+            f"v must be [{k.shape[0]}, {k.shape[1]}, {cache.v.shape[2]}, {cache.v.shape[3]}]; got {shape_str(v)}"
+        )
     t = cache.length + jnp.arange(k.shape[1], dtype=jnp.int32)
     end = cache.length + k.shape[1]
     keep = (t < num_sink_tokens) | (t >= end - (cap - num_sink_tokens)) | (end <= cap)
