@@ -16,7 +16,8 @@ F = importlib.import_module("zoo.attention.flow")
 B, T, H, D, E = 2, 13, 2, 4, 3
 TOL = 2e-6  # float32 forms vs float32 / float64 references; outputs are O(1)
 
-flow = jax.jit(F.flow, static_argnames=("causal", "eps", "clamp", "chunk_size", "impl", "return_state"))
+_STATIC = ("causal", "eps", "clamp", "chunk_size", "impl", "return_state")
+flow = jax.jit(F.flow, static_argnames=_STATIC)
 flow_naive = jax.jit(F.flow_naive, static_argnames=("causal", "eps", "clamp"))
 step = jax.jit(F.step, static_argnames=("eps", "clamp"))
 
@@ -39,7 +40,8 @@ def _official_cumsum_form(q, k, v, causal, eps=1e-6, clamp=1.0):
         sink_in = 1.0 / dot(q + eps, k.sum(1, keepdims=True) + eps)
         src_out = 1.0 / dot(k + eps, q.sum(1, keepdims=True) + eps)
         c_sink = dot(q + eps, (k * src_out[..., None]).sum(1, keepdims=True) + eps)
-        c_src = np.clip(dot(k + eps, (q * sink_in[..., None]).sum(1, keepdims=True) + eps), -clamp, clamp)
+        c_src = dot(k + eps, (q * sink_in[..., None]).sum(1, keepdims=True) + eps)
+        c_src = np.clip(c_src, -clamp, clamp)
         alloc = sig(c_sink * L / S)
         ex = np.exp(c_src - c_src.max(1, keepdims=True))
         comp = ex / ex.sum(1, keepdims=True) * S
@@ -49,7 +51,8 @@ def _official_cumsum_form(q, k, v, causal, eps=1e-6, clamp=1.0):
     sink_in = 1.0 / dot(q + eps, np.cumsum(k, 1) + eps) * normal
     src_out = 1.0 / dot(k + eps, np.cumsum(q, 1) + eps) * normal
     c_sink = dot(q + eps, np.cumsum(k * src_out[..., None], 1) + eps) / normal
-    c_src = np.clip(dot(k + eps, np.cumsum(q * sink_in[..., None], 1) + eps) / normal, -clamp, clamp)
+    c_src = dot(k + eps, np.cumsum(q * sink_in[..., None], 1) + eps) / normal
+    c_src = np.clip(c_src, -clamp, clamp)
     alloc = sig(c_sink)
     ex = np.exp(c_src)
     comp = ex / np.cumsum(ex, 1) * normal
@@ -116,8 +119,8 @@ def test_initial_state_splits_sequence(impl):
     c = 6
     y1, st1 = flow(q[:, :c], k[:, :c], v[:, :c], causal=True, impl=impl, chunk_size=4,
                    return_state=True)
-    y2, st2 = F.flow(q[:, c:], k[:, c:], v[:, c:], causal=True, impl=impl, chunk_size=4,
-                     initial_state=st1, return_state=True)
+    y2, st2 = flow(q[:, c:], k[:, c:], v[:, c:], causal=True, impl=impl, chunk_size=4,
+                   initial_state=st1, return_state=True)
     assert_close(jnp.concatenate([y1, y2], 1), full, atol=TOL, what="split outputs")
     tree_assert_close(st2, st_full, atol=TOL, rtol=1e-5, what="split state")
 
@@ -179,7 +182,8 @@ def test_memory_linear_causal_form():
     biggest = max(sizes(jaxpr.jaxpr))
     assert biggest < t * d * e // 2, f"an intermediate has {biggest} elements (T*D*E = {t * d * e})"
     # The official cumsum form does materialise it (the check above can fail).
-    official = jax.make_jaxpr(lambda k, v: jnp.cumsum(jnp.einsum("bjhd,bjhe->bjhde", k, v), 1))(k, v)
+    cumsum_kv = lambda k, v: jnp.cumsum(jnp.einsum("bjhd,bjhe->bjhde", k, v), 1)
+    official = jax.make_jaxpr(cumsum_kv)(k, v)
     assert max(sizes(official.jaxpr)) >= t * d * e
 
 
@@ -209,7 +213,8 @@ def test_step_gradient_finite():
         return tot
 
     g = jax.jit(jax.grad(run, argnums=(0, 1, 2)))(q, k, v)
-    g_ref = jax.jit(jax.grad(lambda *a: jnp.sum(F.flow_naive(*a, causal=True)), argnums=(0, 1, 2)))(q, k, v)
+    naive = lambda *a: jnp.sum(F.flow_naive(*a, causal=True))
+    g_ref = jax.jit(jax.grad(naive, argnums=(0, 1, 2)))(q, k, v)
     for name, a, r in zip("qkv", g, g_ref):
         assert_close(a, r, atol=1e-5, rtol=1e-5, what=f"step d{name}")
 
@@ -225,10 +230,10 @@ def test_jit_vmap(causal):
 def test_bf16():
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in _inputs(seed=17))
     for causal in (False, True):
-        out = F.flow(q, k, v, causal=causal)
+        out = flow(q, k, v, causal=causal)
         assert out.dtype == jnp.bfloat16
         ref = _official_cumsum_form(*(np.asarray(x, np.float32) for x in (q, k, v)), causal)
-        assert_close(out.astype(jnp.float32), ref, atol=2e-2, rtol=2e-2, what=f"bf16 causal={causal}")
+        assert_close(out.astype(jnp.float32), ref, atol=2e-2, rtol=2e-2, what=f"bf16 {causal=}")
 
 
 # ----------------------------------------------------------------------------- fixtures, registry
@@ -242,7 +247,8 @@ def test_fixture_parity(causal):
     assert_close(flow(q, k, v, causal=causal, eps=eps), f["out"], atol=1e-5, what="fast")
     assert_close(flow_naive(q, k, v, causal=causal, eps=eps), f["out"], atol=1e-5, what="naive")
     if causal:
-        assert_close(flow(q, k, v, causal=True, eps=eps, impl="scan"), f["out"], atol=1e-5, what="scan")
+        out = flow(q, k, v, causal=True, eps=eps, impl="scan")
+        assert_close(out, f["out"], atol=1e-5, what="scan")
         s = F.init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
         for t in range(q.shape[1]):
             y, s = step(s, q[:, t], k[:, t], v[:, t], eps=eps)
@@ -253,7 +259,8 @@ def test_registered():
     tr = za.get("flow")
     assert tr.step is F.step and tr.init_state is F.init_state and tr.reference is F.flow_naive
     q, k, v = _inputs(seed=18)
-    assert_close(tr(q, k, v, causal=True), F.flow_naive(q, k, v, causal=True), atol=TOL, what="registry")
+    ref = F.flow_naive(q, k, v, causal=True)
+    assert_close(tr(q, k, v, causal=True), ref, atol=TOL, what="registry")
 
 
 def test_bad_inputs():

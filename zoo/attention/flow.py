@@ -111,6 +111,10 @@ def _dot(a: Array, b: Array) -> Array:
     return jnp.sum(a * b, axis=-1)
 
 
+def _fmt_shapes(shapes: Any) -> str:
+    return ", ".join(f"{n} {list(s)}" for n, s in zip(FlowState._fields, shapes))
+
+
 def _check_state(state: Any, b: int, h: int, d: int, e: int) -> FlowState:
     if not isinstance(state, FlowState):
         raise ValueError(f"initial_state/state must be a FlowState; got {type(state).__name__}")
@@ -118,8 +122,7 @@ def _check_state(state: Any, b: int, h: int, d: int, e: int) -> FlowState:
     got = tuple(tuple(getattr(x, "shape", ())) for x in state)
     if got != tuple(want):
         raise ValueError(
-            "state must have shapes " + ", ".join(f"{n} {list(s)}" for n, s in zip(want._fields, want))
-            + "; got " + ", ".join(f"{n} {list(s)}" for n, s in zip(want._fields, got))
+            "state must have shapes " + _fmt_shapes(want) + "; got " + _fmt_shapes(got)
         )
     return FlowState(*(jnp.asarray(x, jnp.float32) for x in state))
 
@@ -176,7 +179,10 @@ def flow(
         y = jnp.einsum("bihd,bhde->bihe", fq / inc[..., None], kv) * alloc[..., None]
         return y.astype(v.dtype)
 
-    s0 = init_state(b, h, d, e) if initial_state is None else _check_state(initial_state, b, h, d, e)
+    if initial_state is None:
+        s0 = init_state(b, h, d, e)
+    else:
+        s0 = _check_state(initial_state, b, h, d, e)
     pos = s0.count[:, None] + jnp.arange(1, n + 1, dtype=jnp.float32)[None, :]  # [B, T]
     pos = pos[..., None]  # [B, T, 1] broadcast over heads
     cq = s0.sum_q[:, None] + jnp.cumsum(fq, axis=1)
@@ -199,7 +205,9 @@ def flow(
     y = (num * jax.nn.sigmoid(cons_in)[..., None]).astype(v.dtype)
     if not return_state:
         return y
-    return y, FlowState(cq[:, -1], ck[:, -1], cqi[:, -1], cko[:, -1], lse[:, -1], lin.S, s0.count + n)
+    last = lambda x: x[:, -1]
+    final = FlowState(*map(last, (cq, ck, cqi, cko, lse)), lin.S, s0.count + n)
+    return y, final
 
 
 def flow_naive(
@@ -252,8 +260,11 @@ def step(
     """
     for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
         if getattr(x, "ndim", None) != 3:
-            raise ValueError(f"{name} must be [batch, heads, head_dim] (one token); got {shape_str(x)}")
-    fq, fk, vf = _prepare(q_t[:, None], k_t[:, None], v_t[:, None], causal=True, eps=eps, clamp=clamp)
+            raise ValueError(
+                f"{name} must be [batch, heads, head_dim] (one token); got {shape_str(x)}"
+            )
+    one = lambda x: x[:, None]
+    fq, fk, vf = _prepare(one(q_t), one(k_t), one(v_t), causal=True, eps=eps, clamp=clamp)
     fq, fk, vf = fq[:, 0], fk[:, 0], vf[:, 0]
     b, h, d = fq.shape
     s = _check_state(state, b, h, d, vf.shape[-1])
