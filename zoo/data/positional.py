@@ -142,9 +142,8 @@ def _make_task(op: str) -> R.Task:
     name = f"positional_{op}"
 
     def check(p: dict[str, Any]) -> dict[str, Any]:
-        _, p["n"], p["scratch"], p["base_range"], _ = _check_args(
-            op, p["n"], p["scratch"], p["base_range"], None
-        )
+        p["base_range"] = R.check_float("base_range", p["base_range"], low=0.0, strict=True)
+        _, p["n"], p["scratch"], _, _ = _check_args(op, p["n"], p["scratch"], p["base_range"], None)
         p["max_scale"] = R.check_int("max_scale", p["max_scale"], low=1)
         p["num_train"] = R.check_int("num_train", p["num_train"], low=1)
         p["num_test"] = R.check_int("num_test", p["num_test"], low=1)
