@@ -94,6 +94,21 @@ def test_pipeline_over_built_tfds_source(tmp_path):
     np.testing.assert_array_equal(next(it2)["inputs"], nxt["inputs"])
     long = data.make_iterator(src["test_len64"], batch_size=2, seed=0, shard_index=0, shard_count=1)
     assert next(long)["inputs"].shape == (2, 64)
+    # the same batches from an in-memory copy of the split
+    mem = data.to_memory(src["train"], chunk=7)
+    assert len(mem) == 20
+    a = data.make_iterator(src["train"], batch_size=4, seed=2, shard_index=1, shard_count=2)
+    b = data.make_iterator(mem, batch_size=4, seed=2, shard_index=1, shard_count=2)
+    for _ in range(4):
+        x, y = next(a), next(b)
+        assert sorted(x) == sorted(y)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_array_source_checks_lengths():
+    with pytest.raises(ValueError, match="arrays"):
+        data.ArraySource({"a": np.zeros(3), "b": np.zeros(4)})
 
 
 @pytest.mark.parametrize(

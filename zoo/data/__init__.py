@@ -8,6 +8,7 @@ Typical use::
     it = data.make_iterator(sources["train"], batch_size=64, seed=0)
     batch = next(it)                 # {"inputs": int32[64, 64], "targets": int32[64, 64]}
     state = it.get_state()           # store with the checkpoint; it.set_state(state) resumes
+    fast = data.to_memory(sources["train"])   # optional: decode once, then index arrays
 
 Tasks (``data.tasks()``; ``data.get_task(name)`` gives parameters, splits and spec):
 
@@ -30,12 +31,13 @@ from zoo.data.copying import selective_copying
 from zoo.data.icl_regression import baselines as icl_baselines
 from zoo.data.mqar import multiquery_ar
 from zoo.data.niah import single_needle
-from zoo.data.pipeline import make_iterator
+from zoo.data.pipeline import ArraySource, make_iterator, to_memory
 from zoo.data.positional import positional_targets, positional_task
 from zoo.data.real import load_tfds
 from zoo.data.registry import IGNORE_INDEX, Param, Split, Task, TaskSpec, get_task, tasks
 
 __all__ = [
+    "ArraySource",
     "IGNORE_INDEX",
     "Param",
     "Sources",
@@ -61,4 +63,5 @@ __all__ = [
     "selective_copying",
     "single_needle",
     "tasks",
+    "to_memory",
 ]

@@ -133,6 +133,9 @@ def build(task: str, data_dir: str | os.PathLike, *, seed: int = 0, **params: An
       **params: task parameters (see ``get_task(task).params``); unknown or invalid ones raise
         ValueError naming the parameter.
 
+    Generation is deterministic, so hosts of a multi-host job may each build into a local
+    ``data_dir``; on a shared ``data_dir`` build once (e.g. on process 0) before the others read.
+
     Returns:
       :class:`Sources`: ``{split: ArrayRecordDataSource}`` for every split of the task (e.g.
       ``train``, ``test``, ``test_c2`` ...), each indexable to example dicts of numpy arrays,

@@ -74,7 +74,9 @@ def make_iterator(
     if shard_index >= shard_count:
         raise ValueError(f"shard_index must be < shard_count={shard_count}, got {shard_index}")
 
-    ds = grain.MapDataset.source(source)
+    # The pipeline runs on indices; each batch of indices is then read in one batched call
+    # (``__getitems__`` where the source has it: ~3x faster than item-by-item for tfds).
+    ds = grain.MapDataset.range(len(source))
     if len(ds) == 0:
         raise ValueError("source is empty")
     if shard_count > 1:
@@ -87,9 +89,66 @@ def make_iterator(
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=_stack)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)
+    ds = ds.map(lambda idx: _load_batch(source, idx))
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * num_threads)
     return iter(ds.to_iter_dataset(read))
+
+
+class ArraySource(Sequence):
+    """A random-access source over examples held in memory as a dict of batch-major arrays.
+
+    ``make_iterator`` reads its batches with one fancy-indexing call per leaf (microseconds),
+    the fastest option for the small generated datasets; see :func:`to_memory`.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        if not arrays:
+            raise ValueError("arrays must be a non-empty dict of arrays")
+        lengths = {k: len(v) for k, v in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"arrays must share their leading dimension, got {lengths}")
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        self._len = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:  # type: ignore[override]
+        if not -self._len <= i < self._len:
+            raise IndexError(i)
+        return {k: v[i] for k, v in self.arrays.items()}
+
+    def get_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        idx = np.asarray(indices, np.int64)
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+
+def to_memory(source: Sequence[Any], *, chunk: int = 4096) -> ArraySource:
+    """Reads all of ``source`` (e.g. a tfds split of equal-shape examples) into an ArraySource.
+
+    Decoding tfds records costs ~60 us per example; a training loop that revisits a small
+    dataset many times reads it once here instead.
+    """
+    chunk = R.check_int("chunk", chunk, low=1)
+    n = len(source)
+    if n == 0:
+        raise ValueError("source is empty")
+    parts = [_stack(_read(source, list(range(s, min(n, s + chunk))))) for s in range(0, n, chunk)]
+    return ArraySource({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+
+def _read(source: Sequence[Any], indices: list[int]) -> Sequence[Any]:
+    getitems = getattr(source, "__getitems__", None)
+    if getitems is not None:
+        return getitems(indices)
+    return [source[i] for i in indices]
+
+
+def _load_batch(source: Sequence[Any], indices: list[int]) -> Any:
+    if isinstance(source, ArraySource):
+        return source.get_batch(indices)
+    return _stack(_read(source, indices))
 
 
 def _stack(examples: Sequence[Any]) -> Any:

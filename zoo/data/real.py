@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 from zoo.data import registry as R
 from zoo.data.builder import Sources
 from zoo.data.bytes_lm import VOCAB_SIZE, byte_windows
+from zoo.data.pipeline import ArraySource
 
 ADAPTERS = ("text_lm", "text_lm_concat", "text_classification", "image_classification")
 
@@ -63,22 +64,6 @@ class MappedSource(Sequence):
 
     def __repr__(self) -> str:
         return f"MappedSource({self._base!r})"
-
-
-class ArraySource(Sequence):
-    """A random-access source over dict-of-arrays examples held in memory."""
-
-    def __init__(self, arrays: dict[str, np.ndarray]):
-        self._arrays = arrays
-        self._len = len(next(iter(arrays.values())))
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:  # type: ignore[override]
-        if not -self._len <= i < self._len:
-            raise IndexError(i)
-        return {k: v[i] for k, v in self._arrays.items()}
 
 
 def _to_bytes(text: Any) -> bytes:
