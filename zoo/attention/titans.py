@@ -1,0 +1,613 @@
+"""Titans neural long-term memory (Behrouz, Zhong, Mirrokni 2024): a memory learned at test time.
+
+Per head the memory ``M`` is an MLP of ``depth`` layers (depth 1 = a matrix memory ``M(x) = x W``)
+whose weights are the recurrent state. Every token writes by one step of gradient descent with
+momentum and weight decay on the associative loss, then reads with its query:
+
+    l(M; k_t, v_t) = ||M(k_t) - v_t||^2                      (surprise = grad of l)
+    S_t = eta_t S_{t-1} - theta_t grad_W l(M_{t-1}; k_t, v_t)  (momentum; theta_t learning rate)
+    M_t = (1 - alpha_t) M_{t-1} + S_t                         (alpha_t: forgetting, weight decay)
+    y_t = M_t(q_t)                                            (retrieval, no update)
+
+with per-token gates ``theta_t >= 0``, ``eta_t in [0, 1]``, ``alpha_t in [0, 1]`` (arrays, not
+modules). An MLP of depth ``L`` computes ``h_0 = x, z_l = h_{l-1} W_l, h_l = act(z_l)`` and
+``M(x) = z_L`` (``+ x`` with ``residual=True``), weights ``W_l [d_{l-1}, d_l]``, no biases.
+
+Forms:
+- :func:`titans`, the chunked parallel training form (paper Sec. 3.2): the gradients of all
+  tokens of a chunk are taken at the chunk-start weights ``M_{t'}``, then momentum and decay are
+  linear recurrences inside the chunk; the state ``(M, S)`` is carried across chunks (any length:
+  a ragged last chunk is processed at its own size). This equals the sequential recurrence
+  with gradients frozen at chunk starts, and the recurrence itself for ``chunk_size=1``.
+  Each per-token gradient of layer ``l`` is an outer product ``h_{l-1,j}^T delta_{l,j}`` (layer
+  input times error signal), obtained for the whole chunk from one ``jax.grad`` of the summed
+  loss w.r.t. per-token pre-activation offsets (the same numbers as ``vmap(grad)`` at the
+  chunk-start weights, without materialising ``C`` weight-sized gradients).
+  ``form="dual"`` (default) never materialises per-token weights: unrolling the two recurrences,
+  ``M_i = a_i M_0 + s_i S_0 + sum_{j<=i} c_ij h_j^T delta_j`` with ``a_i = prod_{m<=i}(1-alpha_m)``,
+  ``s_i = sum_{m<=i} D_im e_m``, ``c_ij = -theta_j sum_{j<=m<=i} D_im G_mj``, where
+  ``D_im = prod_{m<u<=i}(1-alpha_u)``, ``G_mj = prod_{j<u<=m} eta_u``, ``e_m = prod_{u<=m} eta_u``;
+  so every layer's retrieval ``h^q_{l-1,i} W_{l,i}`` is matmuls (``(c * (H^q H^T)) Delta``), as in
+  the dual form of TTT. ``form="materialize"`` builds the per-token weights of the chunk with
+  two ``jax.lax.associative_scan`` s (momentum, then decay) and reads with them; it costs
+  ``chunk_size * |M|`` memory and is the form for non-linear read-outs (:mod:`zoo.attention.miras`).
+- :func:`titans_naive`, the obviously right reference: a ``jax.lax.scan`` over tokens with
+  ``jax.grad`` of the loss at each step, optionally with gradients frozen at chunk starts.
+- :func:`init_state` / :func:`step`: one-token decoding on an explicit :class:`MemoryState`.
+
+Numerics: everything in float32. Segment decays ``prod (1 - alpha)`` and ``prod eta`` are
+cumulative products of masked factors in ``[0, 1]`` (``jnp.cumprod``): no division by a
+cumulative product (the unstable ``beta_t / beta_i`` form), no overflow, exact at ``alpha = 1``
+and ``eta = 0`` and differentiable there. ``grad_clip`` rescales each token's gradient to a
+global norm (over all layers) of at most ``grad_clip``; in factored form
+``||h^T delta||_F = ||h|| ||delta||``, so the clipped chunked form stays exact.
+
+Heads: one memory per query head; k/v with fewer heads (grouped-query) are repeated. Keys and
+queries are used as given: the paper's layer l2-normalises them (and adds SiLU and convolutions)
+before calling the memory.
+
+Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (arXiv 2501.00663).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from zoo.attention._common import (
+    check_choice,
+    check_positive_int,
+    check_qkv,
+    per_head,
+    repeat_kv,
+    shape_str,
+)
+
+Array = jax.Array
+FORMS = ("dual", "materialize")
+DEFAULT_CHUNK = 64
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+    "identity": lambda x: x,
+}
+# Default gates (constants broadcast to every token): theta = THETA_SCALE / key_dim makes one
+# write move M(k) a fraction 2 * THETA_SCALE * ||k||^2 / key_dim of the way to v (0.2 for keys
+# with ||k||^2 ~ key_dim), stable with the default momentum for normalised or unit-variance keys.
+THETA_SCALE = 0.1
+DEFAULT_ETA = 0.9
+DEFAULT_ALPHA = 0.0
+
+
+class MemoryState(NamedTuple):
+    """Recurrent state of a test-time memory (float32).
+
+    weights: per layer ``[batch, heads, d_in, d_out]`` memory parameters (for Titans the MLP
+      weights; for Miras read-outs such as Lq / KL the parameters before the read-out).
+    momentum: the surprise ``S`` with the same shapes.
+    """
+
+    weights: tuple[Array, ...]
+    momentum: tuple[Array, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How a memory learns (static, hashable): used by Titans and by the Miras framework.
+
+    loss(o, v, aux) -> per-token loss (feature axis last); readout(A) -> effective weights of one
+    layer (``None`` = identity); aux = extra per-token data of the loss (Huber's delta).
+    """
+
+    loss: Callable[[Array, Array, Any], Array]
+    activation: str = "gelu"
+    residual: bool = False
+    readout: Callable[[Array], Array] | None = None
+    grad_clip: float | None = None
+
+    def read(self, weights: Sequence[Array]) -> tuple[Array, ...]:
+        return tuple(weights) if self.readout is None else tuple(self.readout(w) for w in weights)
+
+
+def l2_loss(o: Array, v: Array, aux: Any = None) -> Array:
+    """Titans' associative loss ``||o - v||^2`` per token (feature axis last)."""
+    return jnp.sum(jnp.square(o - v), axis=-1)
+
+
+# ----------------------------------------------------------------------------- memory MLP
+
+
+def apply_memory(
+    weights: Sequence[Array], x: Array, *, activation: str = "gelu", residual: bool = False,
+) -> Array:
+    """The memory MLP ``M(x)``: ``h_0 = x``, ``z_l = h_{l-1} W_l``, ``h_l = act(z_l)`` (l < L),
+    ``M(x) = z_L`` (``+ x`` when ``residual``).
+
+    ``weights[l]`` ``[..., d_{l-1}, d_l]``, ``x`` ``[..., n, d_0]`` with matching leading dims
+    (e.g. ``[batch, heads]``); returns ``[..., n, d_L]``.
+    """
+    act = ACTIVATIONS[activation]
+    h = x
+    for i, w in enumerate(weights):
+        h = jnp.einsum("...nd,...de->...ne", h, w)
+        if i < len(weights) - 1:
+            h = act(h)
+    return h + x if residual else h
+
+
+def _mlp_vec(weights, x, rule):  # one head, one vector x [d_0]
+    return apply_memory(weights, x[None], activation=rule.activation, residual=rule.residual)[0]
+
+
+def init_weights(
+    key: Array | None, heads: int, key_dim: int, value_dim: int | None = None, *,
+    depth: int = 1, expansion: int = 4,
+) -> tuple[Array, ...]:
+    """Initial memory weights, one set per head: ``depth`` arrays ``[heads, d_in, d_out]``.
+
+    Depth 1 (matrix memory): zeros ``[heads, key_dim, value_dim]`` (``key`` may be None).
+    Depth >= 2: hidden width ``expansion * key_dim``, every layer LeCun-normal
+    ``W ~ N(0, 1 / d_in)`` drawn from ``key`` (required: an all-zero MLP memory never learns, its
+    gradients vanish).
+    """
+    check_positive_int("depth", depth, allow_none=False)
+    check_positive_int("expansion", expansion, allow_none=False)
+    e = key_dim if value_dim is None else value_dim
+    if depth == 1:
+        return (jnp.zeros((heads, key_dim, e), jnp.float32),)
+    if key is None:
+        raise ValueError(f"an MLP memory (depth={depth}) needs weights=... or a PRNG key=... to draw them")
+    dims = [key_dim] + [expansion * key_dim] * (depth - 1) + [e]
+    keys = jax.random.split(key, depth)
+    return tuple(
+        jax.random.normal(kk, (heads, dims[i], dims[i + 1]), jnp.float32) / math.sqrt(dims[i])
+        for i, kk in enumerate(keys)
+    )
+
+
+def init_state(
+    batch: int, heads: int, head_dim: int, value_dim: int | None = None, *,
+    weights: Sequence[Array] | None = None, depth: int | None = None, expansion: int = 4,
+    key: Array | None = None,
+) -> MemoryState:
+    """Decoding state: ``weights`` (per head ``[heads, d_in, d_out]``, default
+    :func:`init_weights`) broadcast over the batch, zero momentum."""
+    w = _initial_weights(weights, depth, expansion, key, heads, head_dim,
+                         head_dim if value_dim is None else value_dim)
+    ws = tuple(jnp.broadcast_to(x, (batch,) + x.shape) for x in w)
+    return MemoryState(ws, tuple(jnp.zeros_like(x) for x in ws))
+
+
+def _initial_weights(weights, depth, expansion, key, heads, dk, dv) -> tuple[Array, ...]:
+    check_positive_int("depth", depth)
+    if weights is None:
+        return init_weights(key, heads, dk, dv, depth=1 if depth is None else depth, expansion=expansion)
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise ValueError(f"weights must be a non-empty list/tuple of [heads, d_in, d_out] arrays; got "
+                         f"{type(weights).__name__}")
+    if depth is not None and depth != len(weights):
+        raise ValueError(f"depth={depth} but weights has {len(weights)} layers")
+    ws = tuple(jnp.asarray(w, jnp.float32) for w in weights)
+    d_in = dk
+    for i, w in enumerate(ws):
+        last = i == len(ws) - 1
+        if w.ndim != 3 or w.shape[:2] != (heads, d_in) or (last and w.shape[2] != dv):
+            raise ValueError(
+                f"weights[{i}] must be [heads={heads}, {d_in}, {dv if last else 'd_out'}]; got {shape_str(w)}"
+            )
+        d_in = w.shape[2]
+    return ws
+
+
+def _check_state(state, b, h, dk, dv, n_layers=None) -> MemoryState:
+    if not isinstance(state, MemoryState):
+        raise ValueError(f"initial_state/state must be a MemoryState; got {type(state).__name__}")
+    ws, ms = tuple(state.weights), tuple(state.momentum)
+    if not ws or len(ms) != len(ws) or (n_layers is not None and len(ws) != n_layers):
+        raise ValueError(f"state must hold one weight and one momentum array per layer; got {len(ws)} "
+                         f"weights, {len(ms)} momenta")
+    d_in = dk
+    for i, (w, m) in enumerate(zip(ws, ms)):
+        last = i == len(ws) - 1
+        ok = getattr(w, "ndim", 0) == 4 and w.shape[:3] == (b, h, d_in) and (not last or w.shape[3] == dv)
+        if not ok or getattr(m, "shape", None) != w.shape:
+            raise ValueError(
+                f"state.weights[{i}] and state.momentum[{i}] must be [batch={b}, heads={h}, {d_in}, "
+                f"{dv if last else 'd_out'}]; got {shape_str(w)} and {shape_str(m)}"
+            )
+        d_in = w.shape[3]
+    return MemoryState(tuple(jnp.asarray(w, jnp.float32) for w in ws),
+                       tuple(jnp.asarray(m, jnp.float32) for m in ms))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def gate(name: str, x: Any, b: int, t: int, h: int) -> Array:
+    """A gate given as a scalar, ``[heads]`` or per token ``[batch, length, heads]`` ->
+    ``[batch, heads, length]`` float32; ValueError naming ``name`` otherwise."""
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim <= 1:
+        try:
+            x = per_head(name, x, h)
+        except ValueError:
+            raise ValueError(
+                f"{name} must be a scalar, [heads={h}] or [batch={b}, length={t}, heads={h}]; got "
+                f"{shape_str(x)}"
+            ) from None
+        return jnp.broadcast_to(x[None, :, None], (b, h, t))
+    if x.shape != (b, t, h):
+        raise ValueError(
+            f"{name} must be a scalar, [heads={h}] or [batch={b}, length={t}, heads={h}]; got {shape_str(x)}"
+        )
+    return jnp.moveaxis(x, 1, 2)
+
+
+def step_gate(name: str, x: Any, b: int, h: int) -> Array:
+    """A one-token gate (scalar, ``[heads]`` or ``[batch, heads]``) -> ``[batch, heads]``."""
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim == 2 and x.shape == (b, h):
+        return x
+    if x.ndim <= 1:
+        try:
+            return jnp.broadcast_to(per_head(name, x, h), (b, h))
+        except ValueError:
+            pass
+    raise ValueError(f"{name} must be a scalar, [heads={h}] or [batch={b}, heads={h}]; got {shape_str(x)}")
+
+
+def check_options(*, activation: str, residual: bool, grad_clip: Any, dk: int, dv: int) -> None:
+    check_choice("activation", activation, tuple(ACTIVATIONS))
+    if residual and dk != dv:
+        raise ValueError(f"residual=True needs key_dim == value_dim; got {dk} and {dv}")
+    if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
+        raise ValueError(f"grad_clip must be a positive number or None; got {grad_clip!r}")
+
+
+def prepare(q, k, v, causal):
+    """Validates q/k/v (causal only), repeats grouped k/v heads, returns float32 ``[B, H, T, d]``."""
+    if causal is not True:
+        raise ValueError(f"test-time memories are causal only; got causal={causal!r}")
+    _, _, groups = check_qkv(q, k, v, causal=True)
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    t = lambda x: jnp.moveaxis(jnp.asarray(x, jnp.float32), 1, 2)
+    return t(q), t(k), t(v)
+
+
+def start_state(initial_state, weights, depth, expansion, key, b, h, dk, dv) -> MemoryState:
+    if initial_state is not None:
+        return _check_state(initial_state, b, h, dk, dv)
+    return init_state(b, h, dk, dv, weights=weights, depth=depth, expansion=expansion, key=key)
+
+
+# ----------------------------------------------------------------------------- chunked engine
+# Arrays inside: [B, H, C, d] per chunk, weights [B, H, d_in, d_out], gates [B, H, C] or None.
+
+
+def _clip_scale(sq: Array, clip: float) -> Array:
+    """``min(1, clip / sqrt(sq))`` with a finite gradient at ``sq = 0``."""
+    big = sq > clip * clip
+    return jnp.where(big, clip * jax.lax.rsqrt(jnp.where(big, sq, 1.0)), 1.0)
+
+
+def _factors(w0, k, v, aux, rule):
+    """Per-token gradients at the weights ``w0`` in factored form: layer inputs ``hs[l]``
+    ``[B, H, C, d_{l-1}]`` and error signals ``deltas[l]`` ``[B, H, C, d_l]``, so that token j's
+    gradient of layer l is ``hs[l][j]^T deltas[l][j]`` (clipped when ``rule.grad_clip``)."""
+    act = ACTIVATIONS[rule.activation]
+
+    def total(offsets):
+        h, hs = k, []
+        for i, w in enumerate(w0):
+            hs.append(h)
+            h = jnp.einsum("bhcd,bhde->bhce", h, w) + offsets[i]
+            if i < len(w0) - 1:
+                h = act(h)
+        o = h + k if rule.residual else h
+        return jnp.sum(rule.loss(o, v, aux)), hs
+
+    zeros = [jnp.zeros(k.shape[:-1] + (w.shape[-1],), jnp.float32) for w in w0]
+    deltas, hs = jax.grad(total, has_aux=True)(zeros)
+    if rule.grad_clip is not None:
+        sq = sum(jnp.sum(h * h, -1) * jnp.sum(d * d, -1) for h, d in zip(hs, deltas))
+        s = _clip_scale(sq, rule.grad_clip)[..., None]
+        deltas = [d * s for d in deltas]
+    return hs, deltas
+
+
+def _segment_products(g: Array) -> Array:
+    """``g [..., C]`` -> ``P [..., C, C]`` with ``P[i, j] = prod_{j<u<=i} g_u`` for ``j <= i``, else 0
+    (cumulative products of masked factors: no division, exact zeros)."""
+    c = g.shape[-1]
+    i = jnp.arange(c)
+    x = jnp.where(i[:, None] > i[None, :], g[..., :, None], 1.0)  # x[..., u, j] = g_u if u > j
+    return jnp.where(i[:, None] >= i[None, :], jnp.cumprod(x, axis=-2), 0.0)
+
+
+def _outer_sum(coef: Array, h: Array, d: Array) -> Array:
+    """``sum_j coef_j h_j^T d_j``: ``[B, H, C] x [B, H, C, d_in] x [B, H, C, d_out] -> [B, H, d_in, d_out]``."""
+    return jnp.einsum("bhj,bhjd,bhje->bhde", coef, h, d)
+
+
+def _chunk_dual(carry, xs, rule):
+    """One chunk in the dual form (identity read-out only)."""
+    ws, ms = carry
+    q, k, v, theta, eta, alpha, aux = xs
+    c = q.shape[2]
+    hs, deltas = _factors(ws, k, v, aux, rule)
+    if alpha is None:
+        dmat = jnp.broadcast_to(jnp.tril(jnp.ones((c, c), jnp.float32)), theta.shape + (c,))
+        a = jnp.ones_like(theta)
+    else:
+        dmat, a = _segment_products(1.0 - alpha), jnp.cumprod(1.0 - alpha, axis=-1)
+    if eta is None:  # no momentum: S_i = -theta_i u_i
+        s = None
+        cmat = -dmat * theta[..., None, :]
+        m_last = -theta * (jnp.arange(c) == c - 1)
+        e_last = None
+    else:
+        gmat = _segment_products(eta)
+        e = jnp.cumprod(eta, axis=-1)
+        s = jnp.einsum("bhim,bhm->bhi", dmat, e)
+        cmat = -jnp.einsum("bhim,bhmj->bhij", dmat, gmat) * theta[..., None, :]
+        m_last = -theta * gmat[..., -1, :]
+        e_last = e[..., -1]
+    act = ACTIVATIONS[rule.activation]
+    h = q
+    new_ws, new_ms = [], []
+    for i, (w0, s0) in enumerate(zip(ws, ms)):
+        z = a[..., None] * jnp.einsum("bhcd,bhde->bhce", h, w0)
+        if s is not None:
+            z = z + s[..., None] * jnp.einsum("bhcd,bhde->bhce", h, s0)
+        att = cmat * jnp.einsum("bhid,bhjd->bhij", h, hs[i])
+        z = z + jnp.einsum("bhij,bhje->bhie", att, deltas[i])
+        h = act(z) if i < len(ws) - 1 else z
+        new_w = a[..., -1, None, None] * w0 + _outer_sum(cmat[..., -1, :], hs[i], deltas[i])
+        new_m = _outer_sum(m_last, hs[i], deltas[i])
+        if s is not None:
+            new_w = new_w + s[..., -1, None, None] * s0
+            new_m = new_m + e_last[..., None, None] * s0
+        new_ws.append(new_w)
+        new_ms.append(new_m)
+    y = h + q if rule.residual else h
+    return (tuple(new_ws), tuple(new_ms)), y
+
+
+def _linear_scan(a: Array, x: Array, h0: Array) -> Array:
+    """``h_i = a_i h_{i-1} + x_i`` along axis 2 for ``a [B, H, C]``, ``x [B, H, C, ...]``,
+    ``h0 [B, H, ...]`` (``jax.lax.associative_scan``); returns every ``h_i``."""
+
+    def combine(p, r):
+        a1, x1 = p
+        a2, x2 = r
+        return a1 * a2, a2[..., None, None] * x1 + x2
+
+    pa, px = jax.lax.associative_scan(combine, (a, x), axis=2)
+    return pa[..., None, None] * h0[:, :, None] + px
+
+
+def _chunk_materialize(carry, xs, rule):
+    """One chunk with the per-token weights materialised by associative scans (any read-out)."""
+    ws, ms = carry
+    q, k, v, theta, eta, alpha, aux = xs
+    hs, deltas = _factors(rule.read(ws), k, v, aux, rule)
+    act = ACTIVATIONS[rule.activation]
+    h = q
+    new_ws, new_ms = [], []
+    for i, (w0, s0) in enumerate(zip(ws, ms)):
+        upd = -theta[..., None, None] * jnp.einsum("bhcd,bhce->bhcde", hs[i], deltas[i])
+        mom = upd if eta is None else _linear_scan(eta, upd, s0)
+        if alpha is None:
+            wt = w0[:, :, None] + jnp.cumsum(mom, axis=2)
+        else:
+            wt = _linear_scan(1.0 - alpha, mom, w0)
+        new_ws.append(wt[:, :, -1])
+        new_ms.append(mom[:, :, -1])
+        if rule.readout is not None:
+            wt = rule.readout(wt)
+        z = jnp.einsum("bhcd,bhcde->bhce", h, wt)
+        h = act(z) if i < len(ws) - 1 else z
+    y = h + q if rule.residual else h
+    return (tuple(new_ws), tuple(new_ms)), y
+
+
+def run_chunked(q, k, v, theta, eta, alpha, aux, state: MemoryState, *, rule: Rule, chunk: int, form: str):
+    """Chunked form on ``[B, H, T, d]`` inputs and ``[B, H, T]`` gates (``eta``/``alpha``/``aux``
+    may be None). Returns ``(y [B, H, T, d_v], final MemoryState)``."""
+    fn = _chunk_dual if form == "dual" else _chunk_materialize
+    body = lambda carry, xs: fn(carry, xs, rule)
+    t = q.shape[2]
+    c = min(chunk, t)
+    n, r = divmod(t, c)
+    xs = (q, k, v, theta, eta, alpha, aux)
+    carry = (state.weights, state.momentum)
+    ys = []
+    if n:
+        def split(x):  # [B, H, n*c, ...] -> [n, B, H, c, ...]
+            x = x[:, :, : n * c]
+            return jnp.moveaxis(x.reshape(x.shape[:2] + (n, c) + x.shape[3:]), 2, 0)
+
+        carry, y = jax.lax.scan(body, carry, jax.tree_util.tree_map(split, xs))
+        y = jnp.moveaxis(y, 0, 2)
+        ys.append(y.reshape(y.shape[:2] + (n * c,) + y.shape[4:]))
+    if r:
+        carry, y = body(carry, jax.tree_util.tree_map(lambda x: x[:, :, n * c:], xs))
+        ys.append(y)
+    y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=2)
+    return y, MemoryState(*carry)
+
+
+# ----------------------------------------------------------------------------- sequential reference
+
+
+def token_update(ws, ms, frozen, q, k, v, theta, eta, alpha, aux, rule: Rule):
+    """One token of the recurrence for one head: gradient at ``frozen`` (effective) weights,
+    ``S = eta S - theta g``, ``A = (1 - alpha) A + S``, read ``y = M(q)`` with ``rule.read(A)``.
+    ``eta``/``alpha`` None mean no momentum / no decay. Returns ``(y, ws, ms)``."""
+    g = jax.grad(lambda w: rule.loss(_mlp_vec(w, k, rule), v, aux))(tuple(frozen))
+    if rule.grad_clip is not None:
+        s = _clip_scale(sum(jnp.sum(x * x) for x in g), rule.grad_clip)
+        g = tuple(s * x for x in g)
+    ms = tuple(-theta * x if eta is None else eta * m - theta * x for m, x in zip(ms, g))
+    ws = tuple(w + m if alpha is None else (1.0 - alpha) * w + m for w, m in zip(ws, ms))
+    return _mlp_vec(rule.read(ws), q, rule), ws, ms
+
+
+def run_sequential(q, k, v, theta, eta, alpha, aux, state: MemoryState, *, rule: Rule, chunk: int | None):
+    """Token-by-token reference on ``[B, H, T, d]`` inputs; gradients taken at the weights of the
+    start of each ``chunk`` (every token when None or 1)."""
+
+    def one_head(ws, ms, q, k, v, theta, eta, alpha, aux):
+        def body(carry, x):
+            ws, ms, frozen, i = carry
+            if chunk is not None and chunk > 1:
+                cur = rule.read(ws)
+                frozen = tuple(jnp.where(i % chunk == 0, c, f) for c, f in zip(cur, frozen))
+            else:
+                frozen = rule.read(ws)
+            y, ws, ms = token_update(ws, ms, frozen, *x, rule)
+            return (ws, ms, frozen, i + 1), y
+
+        init = (ws, ms, rule.read(ws), jnp.zeros((), jnp.int32))
+        (ws, ms, _, _), y = jax.lax.scan(body, init, (q, k, v, theta, eta, alpha, aux))
+        return y, ws, ms
+
+    f = jax.vmap(jax.vmap(one_head))
+    y, ws, ms = f(state.weights, state.momentum, q, k, v, theta, eta, alpha, aux)
+    return y, MemoryState(ws, ms)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _titans_inputs(q, k, v, theta, eta, alpha, weights, depth, expansion, key, activation, residual,
+                   grad_clip, initial_state, causal):
+    qf, kf, vf = prepare(q, k, v, causal)
+    b, h, t, dk = kf.shape
+    dv = vf.shape[-1]
+    check_options(activation=activation, residual=residual, grad_clip=grad_clip, dk=dk, dv=dv)
+    th = gate("theta", THETA_SCALE / dk if theta is None else theta, b, t, h)
+    et = gate("eta", DEFAULT_ETA if eta is None else eta, b, t, h)
+    al = gate("alpha", DEFAULT_ALPHA if alpha is None else alpha, b, t, h)
+    state = start_state(initial_state, weights, depth, expansion, key, b, h, dk, dv)
+    rule = Rule(l2_loss, activation=activation, residual=residual, grad_clip=grad_clip)
+    return (qf, kf, vf, th, et, al, None), state, rule
+
+
+def titans(
+    q: Array, k: Array, v: Array, *,
+    theta: Any = None, eta: Any = None, alpha: Any = None,
+    weights: Sequence[Array] | None = None, depth: int | None = None, expansion: int = 4,
+    key: Array | None = None, activation: str = "gelu", residual: bool = False,
+    grad_clip: float | None = None, chunk_size: int | None = None, form: str = "dual",
+    initial_state: MemoryState | None = None, return_state: bool = False, causal: bool = True,
+) -> Array | tuple[Array, MemoryState]:
+    """Titans neural memory, chunked parallel form (see the module docstring for the equations).
+
+    ``S_t = eta_t S_{t-1} - theta_t grad l(M_{t'}; k_t, v_t)``, ``M_t = (1 - alpha_t) M_{t-1} + S_t``,
+    ``y_t = M_t(q_t)``, ``l = ||M(k) - v||^2``, gradients at the weights ``M_{t'}`` of the start of
+    the token's chunk (``chunk_size=1``: the exact recurrence).
+
+    Args:
+      q: ``[batch, length, heads, key_dim]``; k: ``[batch, length, kv_heads, key_dim]``;
+        v: ``[batch, length, kv_heads, value_dim]`` (``heads % kv_heads == 0``).
+      theta, eta, alpha: learning rate, momentum, forgetting: scalars, ``[heads]`` or per token
+        ``[batch, length, heads]``. Defaults: ``theta = 0.1 / key_dim``, ``eta = 0.9``,
+        ``alpha = 0`` (constants for every token).
+      weights: initial memory weights, ``depth`` arrays ``[heads, d_in, d_out]`` (first
+        ``d_in = key_dim``, last ``d_out = value_dim``). Default :func:`init_weights`: zeros for
+        depth 1; an MLP (``depth >= 2``, hidden ``expansion * key_dim``) needs ``key``.
+      activation: ``gelu | silu | relu | tanh | identity`` between layers; residual: ``M(x) + x``.
+      grad_clip: max global norm of each token's gradient (None: no clipping).
+      chunk_size: tokens per chunk (default 64); form: ``"dual"`` or ``"materialize"``.
+      initial_state / return_state: start from / also return a :class:`MemoryState` (the state
+        overrides ``weights``).
+      causal: must be True.
+
+    Returns ``[batch, length, heads, value_dim]`` in ``v.dtype`` (float32 inside) and the final
+    state when ``return_state``.
+
+    Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (2024), Sec. 3.
+    """
+    check_positive_int("chunk_size", chunk_size)
+    check_choice("form", form, FORMS)
+    xs, state, rule = _titans_inputs(q, k, v, theta, eta, alpha, weights, depth, expansion, key,
+                                     activation, residual, grad_clip, initial_state, causal)
+    y, state = run_chunked(*xs, state, rule=rule, chunk=chunk_size or DEFAULT_CHUNK, form=form)
+    y = jnp.moveaxis(y, 1, 2).astype(v.dtype)
+    return (y, state) if return_state else y
+
+
+def titans_naive(
+    q: Array, k: Array, v: Array, *,
+    theta: Any = None, eta: Any = None, alpha: Any = None,
+    weights: Sequence[Array] | None = None, depth: int | None = None, expansion: int = 4,
+    key: Array | None = None, activation: str = "gelu", residual: bool = False,
+    grad_clip: float | None = None, chunk_size: int | None = None,
+    initial_state: MemoryState | None = None, return_state: bool = False, causal: bool = True,
+) -> Array | tuple[Array, MemoryState]:
+    """Reference: the Titans recurrence token by token (``jax.lax.scan``, ``jax.grad`` per token).
+
+    ``chunk_size=None`` (or 1): the exact recurrence, gradient at ``M_{t-1}``. ``chunk_size=C``:
+    gradients frozen at the weights of each chunk start (the oracle of :func:`titans` with that
+    chunk size). Arguments as :func:`titans`.
+    """
+    check_positive_int("chunk_size", chunk_size)
+    xs, state, rule = _titans_inputs(q, k, v, theta, eta, alpha, weights, depth, expansion, key,
+                                     activation, residual, grad_clip, initial_state, causal)
+    y, state = run_sequential(*xs, state, rule=rule, chunk=chunk_size)
+    y = jnp.moveaxis(y, 1, 2).astype(v.dtype)
+    return (y, state) if return_state else y
+
+
+def step_inputs(state, q_t, k_t, v_t):
+    """Validates one-token inputs, repeats grouped k/v heads; returns float32 arrays and b, h."""
+    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+        if getattr(x, "ndim", None) != 3:
+            raise ValueError(f"{name} must be [batch, heads, head_dim] (one token); got {shape_str(x)}")
+    _, _, groups = check_qkv(q_t[:, None], k_t[:, None], v_t[:, None], causal=True)
+    k_t, v_t = repeat_kv(k_t[:, None], groups)[:, 0], repeat_kv(v_t[:, None], groups)[:, 0]
+    b, h, dk = q_t.shape
+    state = _check_state(state, b, h, dk, v_t.shape[-1])
+    f = lambda x: jnp.asarray(x, jnp.float32)
+    return state, f(q_t), f(k_t), f(v_t), b, h
+
+
+def run_step(state, q, k, v, theta, eta, alpha, aux, rule):
+    """One token for every (batch, head): gradient at the current effective weights."""
+
+    def one(ws, ms, q, k, v, theta, eta, alpha, aux):
+        return token_update(ws, ms, rule.read(ws), q, k, v, theta, eta, alpha, aux, rule)
+
+    y, ws, ms = jax.vmap(jax.vmap(one))(state.weights, state.momentum, q, k, v, theta, eta, alpha, aux)
+    return y, MemoryState(ws, ms)
+
+
+def step(
+    state: MemoryState, q_t: Array, k_t: Array, v_t: Array, *,
+    theta: Any = None, eta: Any = None, alpha: Any = None,
+    activation: str = "gelu", residual: bool = False, grad_clip: float | None = None,
+) -> tuple[Array, MemoryState]:
+    """One decoding step of Titans: ``S <- eta S - theta grad l(M; k_t, v_t)``,
+    ``M <- (1 - alpha) M + S``, ``y_t = M(q_t)``.
+
+    ``q_t [batch, heads, key_dim]``, ``k_t [batch, kv_heads, key_dim]``,
+    ``v_t [batch, kv_heads, value_dim]``; gates scalars, ``[heads]`` or ``[batch, heads]`` (defaults
+    as :func:`titans`). Returns ``(y_t [batch, heads, value_dim] in v_t.dtype, new_state)``.
+    """
+    state, q, k, v, b, h = step_inputs(state, q_t, k_t, v_t)
+    check_options(activation=activation, residual=residual, grad_clip=grad_clip, dk=k.shape[-1],
+                  dv=v.shape[-1])
+    th = step_gate("theta", THETA_SCALE / k.shape[-1] if theta is None else theta, b, h)
+    et = step_gate("eta", DEFAULT_ETA if eta is None else eta, b, h)
+    al = step_gate("alpha", DEFAULT_ALPHA if alpha is None else alpha, b, h)
+    rule = Rule(l2_loss, activation=activation, residual=residual, grad_clip=grad_clip)
+    y, state = run_step(state, q, k, v, th, et, al, None, rule)
+    return y.astype(v_t.dtype), state
