@@ -20,6 +20,14 @@ from zoo.attention.linear import (
 )
 from zoo.attention.linear import init_state as linear_init_state
 from zoo.attention.linear import step as linear_step
+from zoo.attention.positional import (
+    identity_encoding,
+    positional,
+    positional_apply,
+    positional_naive,
+    positional_qk,
+    positional_weights,
+)
 from zoo.attention.registry import Transform, get, names, register
 from zoo.attention.softmax import (
     KVCache,
@@ -70,10 +78,16 @@ register(Transform(
     "flow", flow, reference=flow_naive, init_state=flow_init_state, step=flow_step,
     description="Flow-Attention (Flowformer): sigmoid linear attention with flow conservation",
 ))
+register(Transform(
+    "positional", positional, reference=positional_naive, init_state=init_cache, step=softmax_step,
+    description="positional attention: weights from positional q/k only, values from the input",
+))
 
 __all__ = [
     "AarenState", "aaren", "aaren_init_state", "aaren_naive", "aaren_step",
     "FlowState", "flow", "flow_init_state", "flow_naive", "flow_step",
+    "identity_encoding", "positional", "positional_apply", "positional_naive", "positional_qk",
+    "positional_weights",
     "KVCache", "LinearState", "Transform", "alibi_slopes", "feature_maps", "get", "init_cache",
     "linear", "linear_init_state", "linear_naive", "linear_step", "names", "prefill", "register",
     "sigmoid", "sliding_window", "softmax", "softmax_naive", "softmax_step", "softplus",
