@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections Python files with ``get_config()``)."""
