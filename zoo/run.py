@@ -83,16 +83,18 @@ def _setup(cfg: dict):
     validate(cfg)
     sources = _data(cfg)
     spec = sources.spec
-    try:
-        model = train_lib.build_model(cfg["model"], spec, seed=cfg["seed"])
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"model: {e}") from None
     mc = cfg["mesh"]
     try:
         mesh = sharding.make_mesh(mc["data"], mc["fsdp"], mc["tensor"])
         rules = sharding.rules_from(mc.get("logical_axis_rules"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:
+        # Parameters are created (and eagerly sharded) under the mesh and the logical-axis rules.
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            model = train_lib.build_model(cfg["model"], spec, seed=cfg["seed"])
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
     dtype = jnp.bfloat16 if cfg["train"]["compute_dtype"] == "bfloat16" else jnp.float32
     tx = train_lib.make_optimizer(cfg["optim"], cfg["train"]["steps"])
     trainer = train_lib.Trainer(nnx.graphdef(model), tx, spec.kind, mesh, rules, dtype, spec.ignore_index or -100)
@@ -168,7 +170,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict:
         bar = tqdm(total=tcfg["steps"], initial=start, desc=workdir.name, dynamic_ncols=True)
     last: dict = {}
     acc: dict[str, float] = {}
-    tokens = 0
+    tokens = nsteps = 0
     t0 = time.perf_counter()
     step = start
     try:
@@ -176,20 +178,20 @@ def train(config: Any, workdir: str | os.PathLike) -> dict:
             batch = next(it)
             state, m = train_step(state, sharding.shard_batch(batch, trainer.mesh, trainer.rules))
             step += 1
+            nsteps += 1
             tokens += int(np.prod(batch["inputs"].shape[:2]))
             for k, v in jax.device_get(m).items():
                 acc[k] = acc.get(k, 0.0) + float(v)
             if step % tcfg["log_every"] == 0 or step == tcfg["steps"]:
                 dt = time.perf_counter() - t0
                 rec = {"step": step, "split": "train", **train_lib.summarize(acc),
-                       "grad_norm": acc["grad_norm"] / max(1, len(acc) and tcfg["log_every"]),
-                       "tokens_per_s": tokens / dt}
+                       "grad_norm": acc["grad_norm"] / nsteps, "tokens_per_s": tokens / dt}
                 log.write(rec)
                 last["train"] = rec
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec.get('accuracy', float('nan')):.3f}",
                                     tok_s=f"{rec['tokens_per_s']:.0f}")
-                acc, tokens, t0 = {}, 0, time.perf_counter()
+                acc, tokens, nsteps, t0 = {}, 0, 0, time.perf_counter()
             if step % tcfg["eval_every"] == 0 or step == tcfg["steps"]:
                 ev = _evaluate_split(trainer, eval_step, state, sources["test"], cfg["eval"]["batch_size"],
                                      tcfg["eval_batches"])
