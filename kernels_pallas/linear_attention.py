@@ -148,13 +148,16 @@ def _round_up(x: int, m: int) -> int:
 
 def _resolve_backend(backend: str | None, interpret: Any) -> tuple[str, Any]:
     platform = jax.default_backend()
-    if backend is None:
+    auto = backend is None
+    if auto:
         backend = "tpu" if platform in ("tpu", "cpu") else "gpu"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}")
     if interpret is None:
         interpret = platform == "cpu"
-    if platform == "cpu" and interpret is False:
+    if auto and platform == "cpu" and interpret is False:
+        # (An explicit backend with interpret=False is allowed on a CPU host: it lowers the real
+        # kernel, e.g. for jax.export(platforms=["tpu"]) / ahead-of-time compilation.)
         raise ValueError("Pallas only runs in interpret mode on CPU: pass interpret=True or None")
     if isinstance(interpret, pltpu.InterpretParams) and backend != "tpu":
         raise ValueError("interpret=pltpu.InterpretParams(...) simulates a TPU: it needs backend='tpu'")
@@ -666,6 +669,8 @@ def causal_linear_attention(
       backend: ``"tpu"`` (Mosaic TPU program), ``"gpu"`` (Triton program) or ``None`` (from the
         default device; the TPU program on CPU).
       interpret: ``None`` (True exactly on CPU), a bool, or ``pltpu.InterpretParams`` (TPU program).
+        ``interpret=False`` with an explicit ``backend`` lowers the real kernel even on a CPU host
+        (for ``jax.export(..., platforms=["tpu" | "cuda"])``); it cannot *run* there.
       precision: matmul precision; default ``HIGHEST`` for float32 inputs (no TF32 / bf16 passes),
         default precision for 16-bit inputs.
 
