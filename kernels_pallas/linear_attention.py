@@ -744,7 +744,9 @@ def sharded_causal_linear_attention(
     Each device runs the kernel on its ``[B / |batch_axis|, T, H / |head_axis|, .]`` shard (the
     recurrence is independent per batch element and head, so no communication is needed); the
     sequence is not split. ``batch_axis`` / ``head_axis`` name mesh axes (or ``None`` for
-    replicated); ``kwargs`` go to :func:`causal_linear_attention`. Same shapes and returns.
+    replicated); ``kwargs`` go to :func:`causal_linear_attention`. Same shapes and returns:
+    ``S_t = lambda_h S_{t-1} + k_t v_t^T``, ``o_t = q_t^T S_t`` per shard (Qin et al. 2024,
+    Lightning Attention-2).
     """
     b, _, h, f = q.shape
     e = v.shape[-1]
@@ -772,7 +774,9 @@ def causal_linear_attention_reference(
     initial_state: Array | None = None,
 ) -> tuple[Array, Array]:
     """Token recurrence ``S_t = lambda S_{t-1} + k_t v_t^T``, ``o_t = q_t^T S_t`` as one
-    ``lax.scan`` in float32 (the oracle of the kernels; O(T) sequential steps). Same shapes."""
+    ``lax.scan`` in float32 (the oracle of the kernels; O(T) sequential steps). Same shapes and
+    returns as :func:`causal_linear_attention` (Katharopoulos et al. 2020, with the per-head decay
+    of Qin et al. 2024)."""
     b, t, h, f = q.shape
     e = v.shape[-1]
     s0 = jnp.zeros((b, h, f, e), F32) if initial_state is None else initial_state.astype(F32)

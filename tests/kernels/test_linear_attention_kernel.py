@@ -83,7 +83,9 @@ def test_matches_oracle(backend, dtype, shape, chunk, decay, block_e):
     bs = BlockSizes(block_t=chunk, block_e=block_e)
 
     def fn(q, k, v, s0):
-        return causal_linear_attention(q, k, v, rate, initial_state=s0, backend=backend, block_sizes=bs)
+        return causal_linear_attention(
+            q, k, v, rate, initial_state=s0, backend=backend, block_sizes=bs, interpret=True
+        )
 
     _check(fn, q, k, v, rate, s0, do, dst, TOL[dtype], f"{backend}/{jnp.dtype(dtype).name}/{shape}")
 
