@@ -1,0 +1,340 @@
+"""Decoder-only language model with a per-layer token-mixer pattern, and generation.
+
+``DecoderLM`` stacks pre-norm residual blocks
+
+    h = norm_1(x);  h = h + conv(h)  (optional short causal conv, as BASED / zoology blocks)
+    x = x + mixer(h)                  (any zoo.attention transform or registered mixer module)
+    x = x + mlp(norm_2(x))            (SwiGLU or GELU; optional)
+
+between a token embedding (optionally plus learned positions; RoPE is applied inside the
+attention mixers) and a final RMS norm with (tied) output logits. Mixers are given per layer
+(``mixers=["based", {"transform": "sliding_window", "window": 8}, "softmax"]``), so hybrid
+models are a config string. Decoding runs on the mixers' own recurrent states (KV caches,
+linear-attention states, ...) one token at a time: :meth:`DecoderLM.init_state` /
+:meth:`DecoderLM.decode_step`, and :func:`generate` on top (one jitted function per config).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zoo.nn.attention import build_mixer
+from zoo.nn.layers import MLP, Embed, RMSNorm, ShortConv, normal_init, param
+
+Array = jax.Array
+POS = ("rope", "learned", "none")
+MLPS = ("swiglu", "gelu", None)
+
+
+def _check_int(name: str, x: Any, minimum: int = 1) -> None:
+    if not isinstance(x, int) or isinstance(x, bool) or x < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {x!r}")
+
+
+def _check_choice(name: str, x: Any, choices: Sequence[Any]) -> None:
+    if x not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {x!r}")
+
+
+def mixer_specs(mixers: Any, num_layers: int) -> list[Any]:
+    """One mixer spec per layer: a single spec (str, dict, Transform) for all, or a list of
+    ``num_layers`` specs; ValueError naming ``mixers`` otherwise."""
+    if isinstance(mixers, (list, tuple)):
+        if len(mixers) != num_layers:
+            raise ValueError(f"mixers has {len(mixers)} entries but num_layers={num_layers}; give one per layer")
+        return list(mixers)
+    return [mixers] * num_layers
+
+
+def param_count(model: nnx.Module) -> int:
+    """Number of trainable parameters (``nnx.Param`` entries) of ``model``; works on an abstract
+    model from ``nnx.eval_shape`` too."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return sum(math.prod(x.shape) for x in leaves)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: ``x + mixer(h + conv(h))`` with ``h = norm_1(x)``, then
+    ``x + mlp(norm_2(x))``. ``conv`` (a :class:`ShortConv` of width ``short_conv``) and the MLP are
+    optional. ``mixer`` is any module with the mixer interface (see ``zoo.nn.register_mixer``)."""
+
+    def __init__(
+        self, d_model: int, mixer: nnx.Module, *, mlp: str | None = "swiglu", mlp_hidden: int = 0,
+        short_conv: int = 0, dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+    ):
+        self.norm1 = RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        conv = ShortConv(d_model, short_conv, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if short_conv else None
+        self.conv = nnx.data(conv)
+        self.mixer = mixer
+        if mlp is not None:
+            self.norm2 = RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.mlp = MLP(d_model, mlp_hidden, kind=mlp, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.mlp = nnx.data(None)
+
+    def __call__(self, x: Array, *, causal: bool = True, mask: Array | None = None) -> Array:
+        """``x [B, T, E]`` -> ``[B, T, E]`` (``mask`` is passed to the mixer only when given)."""
+        h = self.norm1(x)
+        if self.conv is not None:
+            h = h + self.conv(h)
+        kw = {} if mask is None else {"mask": mask}
+        x = x + self.mixer(h, causal=causal, **kw).astype(x.dtype)
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x)).astype(x.dtype)
+        return x
+
+    def init_state(self, batch: int, max_len: int) -> dict[str, Any]:
+        """Decoding state: ``{"mixer": ..., "conv": ...}`` (``conv`` only with a short conv)."""
+        state = {"mixer": self.mixer.init_state(batch, max_len)}
+        if self.conv is not None:
+            state["conv"] = self.conv.init_state(batch)
+        return state
+
+    def decode_step(self, x_t: Array, state: dict[str, Any], position: Array) -> tuple[Array, dict[str, Any]]:
+        """One token ``x_t [B, E]`` at ``position`` -> ``(y_t [B, E], state)``."""
+        state = dict(state)
+        h = self.norm1(x_t)
+        if self.conv is not None:
+            c, state["conv"] = self.conv.decode_step(h, state["conv"])
+            h = h + c
+        y, state["mixer"] = self.mixer.decode_step(h, state["mixer"], position)
+        x_t = x_t + y.astype(x_t.dtype)
+        if self.mlp is not None:
+            x_t = x_t + self.mlp(self.norm2(x_t)).astype(x_t.dtype)
+        return x_t, state
+
+
+def build_blocks(
+    *, d_model: int, num_layers: int, num_heads: int, mixers: Any, num_kv_heads: int | None,
+    head_dim: int | None, mlp: str | None, mlp_ratio: float, short_conv: int, rope: bool,
+    dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+) -> nnx.List:
+    """Validates the shared block arguments and builds the stack of :class:`Block` s."""
+    for name, x in (("d_model", d_model), ("num_layers", num_layers), ("num_heads", num_heads)):
+        _check_int(name, x)
+    _check_int("short_conv", short_conv, 0)
+    _check_choice("mlp", mlp, MLPS)
+    if head_dim is None and d_model % num_heads:
+        raise ValueError(f"num_heads ({num_heads}) must divide d_model ({d_model}) (or give head_dim)")
+    if num_kv_heads is not None and (not isinstance(num_kv_heads, int) or num_kv_heads <= 0
+                                     or num_heads % num_kv_heads):
+        raise ValueError(f"num_kv_heads ({num_kv_heads!r}) must be a positive int dividing num_heads ({num_heads})")
+    if not (isinstance(mlp_ratio, (int, float)) and mlp_ratio > 0):
+        raise ValueError(f"mlp_ratio must be > 0; got {mlp_ratio!r}")
+    specs = mixer_specs(mixers, num_layers)
+    hidden = int(round(mlp_ratio * d_model))
+    defaults = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope=rope,
+                    dtype=dtype, param_dtype=param_dtype)
+    blocks = []
+    for i, spec in enumerate(specs):
+        mixer = build_mixer(spec, d_model, rngs=rngs, name=f"mixers[{i}]", **defaults)
+        blocks.append(Block(d_model, mixer, mlp=mlp, mlp_hidden=hidden, short_conv=short_conv, dtype=dtype,
+                            param_dtype=param_dtype, rngs=rngs))
+    return nnx.List(blocks)
+
+
+class LMState(NamedTuple):
+    """Decoding state of :class:`DecoderLM`: one state per block and the next position (int32)."""
+
+    layers: tuple[Any, ...]
+    position: Array
+
+
+class DecoderLM(nnx.Module):
+    """Causal decoder language model ``tokens [B, T] -> logits [B, T, V]`` (see module docstring).
+
+    Args:
+      vocab_size, d_model, num_layers, num_heads: sizes.
+      mixers: one spec for all layers or a list with one per layer; a spec is a
+        ``zoo.attention`` name (``"softmax"``, ``"based"``...), a dict ``{"transform": name,
+        **kw}`` (``kw``: :class:`zoo.nn.MultiHeadAttention` arguments or transform options,
+        e.g. ``"window": 8``) or ``{"module": name, **kw}`` (a ``zoo.nn.register_mixer`` mixer).
+      num_kv_heads, head_dim: attention defaults (grouped-query heads; ``d_model // num_heads``).
+      mlp: ``"swiglu"``, ``"gelu"`` or None; hidden width ``round(mlp_ratio * d_model)``.
+      short_conv: width of a causal depthwise conv applied before each mixer (0 = off).
+      pos: ``"rope"`` (rotary, in the attention mixers), ``"learned"`` (``[max_len, d_model]``
+        added to the embeddings) or ``"none"``.
+      max_len: longest sequence (learned positions; default decoding capacity).
+      tie_embeddings: output logits ``h E^T`` with the input embedding ``E``; else a separate
+        ``[d_model, vocab]`` head.
+      dtype: compute dtype; param_dtype: parameter dtype. Logits are float32.
+
+    Parameter count with tied embeddings, ``pos="rope"``, SwiGLU, no biases, ``H D = d``:
+    ``V d + L (4 d^2 + 3 d F + 2 d + w d) + d`` (``F`` MLP width, ``w`` short-conv width).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        num_layers: int,
+        num_heads: int,
+        *,
+        mixers: Any = "softmax",
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        mlp: str | None = "swiglu",
+        mlp_ratio: float = 4,
+        short_conv: int = 0,
+        pos: str = "rope",
+        max_len: int = 2048,
+        tie_embeddings: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        _check_int("vocab_size", vocab_size)
+        _check_int("max_len", max_len)
+        _check_choice("pos", pos, POS)
+        self.vocab_size, self.d_model, self.num_layers = vocab_size, d_model, num_layers
+        self.pos, self.max_len, self.tie_embeddings, self.dtype = pos, max_len, tie_embeddings, dtype
+        self.blocks = build_blocks(
+            d_model=d_model, num_layers=num_layers, num_heads=num_heads, mixers=mixers,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, mlp=mlp, mlp_ratio=mlp_ratio,
+            short_conv=short_conv, rope=pos == "rope", dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )
+        self.embed = Embed(vocab_size, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if pos == "learned":
+            self.pos_embed = param(rngs, normal_init(d_model), (max_len, d_model), (None, "embed"), param_dtype)
+        self.final_norm = RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if not tie_embeddings:
+            self.lm_head = param(rngs, normal_init(d_model), (d_model, vocab_size), ("embed", "vocab"), param_dtype)
+
+    def _logits(self, x: Array) -> Array:
+        x = self.final_norm(x)
+        if self.tie_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            logits = x @ self.lm_head[...].astype(x.dtype)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, tokens: Array) -> Array:
+        """``tokens [B, T]`` int -> logits ``[B, T, vocab]`` float32 (causal)."""
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be int [batch, length]; got {tokens.dtype} {tokens.shape}")
+        t = tokens.shape[1]
+        x = self.embed(tokens)
+        if self.pos == "learned":
+            if t > self.max_len:
+                raise ValueError(f"tokens length {t} > max_len {self.max_len} (learned positions)")
+            x = x + self.pos_embed[...][:t].astype(x.dtype)
+        for blk in self.blocks:
+            x = blk(x, causal=True)
+        return self._logits(x)
+
+    def init_state(self, batch: int, max_len: int | None = None) -> LMState:
+        """Empty decoding state for ``batch`` sequences of up to ``max_len`` (default the model's)
+        tokens, at position 0."""
+        max_len = self.max_len if max_len is None else max_len
+        _check_int("max_len", max_len)
+        layers = tuple(blk.init_state(batch, max_len) for blk in self.blocks)
+        return LMState(layers, jnp.zeros((), jnp.int32))
+
+    def decode_step(self, tokens_t: Array, state: LMState) -> tuple[Array, LMState]:
+        """Consumes one token per sequence ``tokens_t [B]`` at ``state.position``; returns the
+        next-token logits ``[B, vocab]`` (float32) and the advanced state."""
+        pos = state.position
+        x = self.embed(jnp.asarray(tokens_t))
+        if self.pos == "learned":
+            x = x + jax.lax.dynamic_index_in_dim(self.pos_embed[...], pos, keepdims=False).astype(x.dtype)
+        layers = []
+        for blk, s in zip(self.blocks, state.layers):
+            x, s = blk.decode_step(x, s, pos)
+            layers.append(s)
+        return self._logits(x), LMState(tuple(layers), pos + 1)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _sample(logits: Array, key: Array, temperature: float, top_k: int | None) -> Array:
+    """Greedy (``temperature == 0``) or temperature / top-k sampling from ``logits [B, V]``."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _make_generate(graphdef: Any, num_steps: int, temperature: float, top_k: int | None, capacity: int):
+    def run(state: Any, prompt: Array, key: Array) -> Array:
+        model = nnx.merge(graphdef, state)
+        b = prompt.shape[0]
+
+        def prefill(carry, tok):
+            st, _ = carry
+            logits, st = model.decode_step(tok, st)
+            return (st, logits), None
+
+        st = model.init_state(b, capacity)
+        logits0 = jnp.zeros((b, model.vocab_size), jnp.float32)
+        (st, logits), _ = jax.lax.scan(prefill, (st, logits0), prompt.T)
+
+        def decode(carry, k):
+            st, logits = carry
+            tok = _sample(logits, k, temperature, top_k)
+            logits, st = model.decode_step(tok, st)
+            return (st, logits), tok
+
+        _, new = jax.lax.scan(decode, (st, logits), jax.random.split(key, num_steps))
+        return jnp.concatenate([prompt, new.T.astype(prompt.dtype)], axis=1)
+
+    return jax.jit(run)
+
+
+_make_generate_cached = functools.lru_cache(maxsize=32)(_make_generate)
+
+
+def generate(
+    model: DecoderLM, prompt: Array, num_steps: int, *, key: Array | None = None,
+    temperature: float = 0.0, top_k: int | None = None, max_len: int | None = None,
+) -> Array:
+    """Autoregressive generation: ``prompt [B, T0]`` int -> ``[B, T0 + num_steps]``.
+
+    The prompt is consumed token by token with :meth:`DecoderLM.decode_step` (a ``lax.scan``, so
+    it works for every mixer with a decoding form), then ``num_steps`` tokens are sampled, each
+    fed back. ``temperature=0`` is greedy (deterministic); otherwise logits are divided by
+    ``temperature``, restricted to the ``top_k`` largest when given, and sampled with ``key``
+    (required). The decoding state holds ``max_len`` tokens (default ``T0 + num_steps``). The
+    whole loop is one ``jax.jit`` function, cached per model structure and settings.
+    """
+    prompt = jnp.asarray(prompt)
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"prompt must be int [batch, length >= 1]; got {prompt.dtype} {prompt.shape}")
+    _check_int("num_steps", num_steps, 0)
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ValueError(f"temperature must be >= 0; got {temperature!r}")
+    if top_k is not None:
+        _check_int("top_k", top_k)
+        if top_k > model.vocab_size:
+            raise ValueError(f"top_k ({top_k}) > vocab_size ({model.vocab_size})")
+    if temperature > 0 and key is None:
+        raise ValueError("key: sampling with temperature > 0 needs a PRNG key")
+    total = prompt.shape[1] + num_steps
+    capacity = total if max_len is None else max_len
+    _check_int("max_len", capacity)
+    if model.pos == "learned" and total > model.max_len:
+        raise ValueError(f"prompt + num_steps = {total} > model max_len {model.max_len} (learned positions)")
+    if num_steps == 0:
+        return prompt
+    key = jax.random.key(0) if key is None else key
+    graphdef, state = nnx.split(model)
+    args = (graphdef, num_steps, float(temperature), top_k, capacity)
+    try:
+        fn = _make_generate_cached(*args)
+    except TypeError:  # an unhashable static attribute somewhere in the model
+        fn = _make_generate(*args)
+    return fn(state, prompt.astype(jnp.int32), key)
+
+
+__all__ = ["Block", "DecoderLM", "LMState", "build_blocks", "generate", "mixer_specs", "param_count"]
