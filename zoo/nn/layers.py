@@ -22,24 +22,43 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd as core_spmd
 
 Array = jax.Array
-AXES = ("embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
+AXES = ("embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
 Names = Sequence[str | None]
 
 
 def axes(*names: str | None) -> dict[str, Any]:
     """Variable metadata giving a parameter the logical axis ``names`` (one per dimension).
 
-    ``nnx.Param(value, **axes("embed", "mlp"))``. Eager sharding is requested only when a mesh
-    is set (``jax.set_mesh``) and eager sharding is on, since creating an eagerly sharded
-    variable without a mesh raises in flax 0.12.
+    ``nnx.Param(value, **axes("embed", "mlp"))``. Eager sharding (the parameter is placed
+    sharded when created) is requested only when it is on, a mesh is set (``jax.set_mesh``) and
+    the active ``nnx.logical_axis_rules`` map every name to axes of that mesh: creating an eagerly
+    sharded variable without a mesh, or with a name the mesh does not know, raises in flax 0.12.
+    Otherwise the names are metadata only, read later by ``nnx.get_partition_spec``.
     """
     for n in names:
         if n is not None and n not in AXES:
             raise ValueError(f"unknown logical axis name {n!r}; valid names: {', '.join(AXES)} or None")
-    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
-    return {"out_sharding": tuple(names), "eager_sharding": eager}
+    return {"out_sharding": tuple(names), "eager_sharding": _can_shard_eagerly(names)}
+
+
+def _can_shard_eagerly(names: Sequence[str | None]) -> bool:
+    if not nnx.using_eager_sharding():
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return False
+    rules = dict(core_spmd.get_logical_axis_rules() or ())
+    for n in names:
+        if n is None:
+            continue
+        target = rules.get(n, n)
+        targets = target if isinstance(target, (tuple, list)) else (target,)
+        if any(a is not None and a not in mesh.axis_names for a in targets):
+            return False
+    return True
 
 
 def normal_init(fan_in: int, scale: float = 1.0) -> nnx.Initializer:
