@@ -20,8 +20,9 @@ Forms (``impl``), all equal to the naive masked quadratic reference :func:`linea
   zero keys and no decay); memory O(T/C * F * Dv).
 - ``"scan"``: the token recurrence above as one ``jax.lax.scan`` (O(F * Dv) state).
 - ``"pallas"``: the tiled kernel in ``kernels_pallas`` (GPU/TPU; interpret mode on CPU).
-- ``"auto"``: ``pallas`` on GPU/TPU when available, else the faster XLA form for the backend
-  (``scan`` on CPU, ``chunked`` elsewhere); the choice is logged once.
+- ``"auto"``: ``pallas`` on GPU/TPU when available (and the decay, if any, is a per-head
+  constant: the kernel does not differentiate the decay rates), else the faster XLA form for
+  the backend (``scan`` on CPU, ``chunked`` elsewhere); the choice is logged once.
 Decoding uses :func:`init_state` / :func:`step` with the explicit state ``(S, z, count)``.
 """
 
@@ -337,7 +338,10 @@ def linear(
         return _finish(num, jnp.float32(tk), normalize=normalize, eps=eps, dtype=v.dtype)
 
     g = _log_decay(decay, b, tq, h)
-    form = resolve_impl(impl, decay_per_token=decay is not None and jnp.ndim(decay) == 3)
+    # The Pallas kernel gives no gradient for the decay rates: "auto" uses it only when the rates
+    # are constants (not traced values that may be learned).
+    traced_decay = isinstance(decay, jax.core.Tracer)
+    form = resolve_impl(impl, decay_per_token=decay is not None and (jnp.ndim(decay) == 3 or traced_decay))
     s0 = _aug_state(initial_state, b, h, f, va.shape[-1] - 1)
     chunk = chunk_size or DEFAULT_CHUNK
     if form == "scan":
