@@ -36,6 +36,7 @@ from flax import nnx
 from zoo.attention import feature_maps as fmaps
 from zoo.attention._common import shape_str
 from zoo.nn.diagnostics import softmax_weights
+from zoo.nn.layers import axes
 
 Array = jax.Array
 VARIANTS = ("fla", "lolcats")
@@ -43,7 +44,7 @@ _MAP = {"fla": "hedgehog", "lolcats": "hedgehog_lolcats"}
 
 
 def _init(init: Any, *names: str | None) -> Any:
-    return nnx.with_partitioning(init, names, eager_sharding=False)
+    return nnx.with_metadata(init, **axes(*names))
 
 
 class HedgehogFeatureMap(nnx.Module):

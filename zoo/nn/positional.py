@@ -31,12 +31,13 @@ import numpy as np
 from flax import nnx
 
 from zoo.attention._common import shape_str
+from zoo.nn.layers import axes
 
 Array = jax.Array
 
 
 def _init(init: Any, *names: str | None) -> Any:
-    return nnx.with_partitioning(init, names, eager_sharding=False)
+    return nnx.with_metadata(init, **axes(*names))
 
 
 def _dense(din: int, dout: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs,

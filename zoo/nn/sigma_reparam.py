@@ -31,13 +31,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zoo.nn.layers import axes
+
 Array = jax.Array
 GAMMA_INITS = ("sigma", "one")
 
 
 def _init(init: Any, *names: str | None) -> Any:
-    """``init`` annotated with logical axis names (sharded lazily by ``zoo.sharding``)."""
-    return nnx.with_partitioning(init, names, eager_sharding=False)
+    """``init`` annotated with logical axis names (``zoo.nn.layers.axes``: eager sharding only under a
+    mesh whose rules resolve every name)."""
+    return nnx.with_metadata(init, **axes(*names))
 
 
 def _normalize(x: Array, eps: float = 1e-12) -> Array:
