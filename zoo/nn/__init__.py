@@ -1,5 +1,6 @@
 """Flax NNX modules: parameters (with logical axis names) around the ``zoo.attention`` transforms."""
 
+from zoo.nn.aaren import AarenLayer as AarenLayer
 from zoo.nn.attention import MultiHeadAttention as MultiHeadAttention
 from zoo.nn.attention import attention_mixer as attention_mixer
 from zoo.nn.attention import build_mixer as build_mixer
@@ -7,6 +8,15 @@ from zoo.nn.attention import get_mixer as get_mixer
 from zoo.nn.attention import mixer_names as mixer_names
 from zoo.nn.attention import register_mixer as register_mixer
 from zoo.nn.attention import resolve_transform as resolve_transform
+from zoo.nn.diagnostics import AttentionDiagnostics as AttentionDiagnostics
+from zoo.nn.diagnostics import attention_entropy as attention_entropy
+from zoo.nn.diagnostics import attention_weights as attention_weights
+from zoo.nn.diagnostics import entropy_regularizer as entropy_regularizer
+from zoo.nn.diagnostics import sink_ratio as sink_ratio
+from zoo.nn.diagnostics import sink_scores as sink_scores
+from zoo.nn.flow import FlowAttentionLayer as FlowAttentionLayer
+from zoo.nn.hedgehog import HedgehogFeatureMap as HedgehogFeatureMap
+from zoo.nn.hedgehog import hedgehog_distillation_loss as hedgehog_distillation_loss
 from zoo.nn.layers import AXES as AXES
 from zoo.nn.layers import MLP as MLP
 from zoo.nn.layers import Embed as Embed
@@ -15,3 +25,8 @@ from zoo.nn.layers import ShortConv as ShortConv
 from zoo.nn.layers import apply_rope as apply_rope
 from zoo.nn.layers import axes as axes
 from zoo.nn.layers import rope_frequencies as rope_frequencies
+from zoo.nn.moh import MoHAttention as MoHAttention
+from zoo.nn.nalaformer import NaLaFormerAttention as NaLaFormerAttention
+from zoo.nn.positional import PositionalAttention as PositionalAttention
+from zoo.nn.positional import PositionalAttentionBlock as PositionalAttentionBlock
+from zoo.nn.sigma_reparam import SigmaReparamDense as SigmaReparamDense

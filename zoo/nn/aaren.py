@@ -28,6 +28,7 @@ from flax import nnx
 import zoo.attention as za
 from zoo.attention._common import shape_str
 from zoo.attention.aaren import IMPLS as AAREN_IMPLS
+from zoo.nn.attention import register_mixer
 from zoo.nn.layers import axes
 
 Array = jax.Array
@@ -144,3 +145,6 @@ def aaren_mixer(
 ) -> AarenLayer:
     """``zoo.nn.register_mixer`` factory of :class:`AarenLayer` (mixer ``"aaren_layer"``)."""
     return AarenLayer(d_model, num_heads, head_dim=head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kw)
+
+
+register_mixer("aaren_layer", aaren_mixer)

@@ -24,6 +24,7 @@ from flax import nnx
 
 import zoo.attention as za
 from zoo.attention._common import shape_str
+from zoo.nn.attention import register_mixer
 from zoo.nn.layers import axes
 
 Array = jax.Array
@@ -141,3 +142,6 @@ def flow_mixer(
     """``zoo.nn.register_mixer`` factory of :class:`FlowAttentionLayer` (mixer ``"flow_layer"``)."""
     return FlowAttentionLayer(d_model, num_heads, head_dim=head_dim, dtype=dtype, param_dtype=param_dtype,
                               rngs=rngs, **kw)
+
+
+register_mixer("flow_layer", flow_mixer)

@@ -47,8 +47,9 @@ from flax import nnx
 
 import zoo.attention as za
 from zoo.attention._common import shape_str
+from zoo.nn.attention import register_mixer
 from zoo.nn.diagnostics import softmax_weights
-from zoo.nn.layers import axes
+from zoo.nn.layers import apply_rope, axes
 
 Array = jax.Array
 ATTENTIONS = ("softmax", "cosine")
@@ -174,6 +175,8 @@ class MoHAttention(nnx.Module):
       cpb: learn the continuous relative position bias MLP (``cpb_hidden`` wide).
       seq_length: ``N`` of the cosine attention's ``log N`` scale (the source's input
         resolution ``H * W``); default the key count of each call.
+      rope: rotary embeddings on q and k (``attention="softmax"`` only; ``True`` = base 10000
+        or a float base), for language models.
 
     Parameters (fused layouts as the reference, so its weights load by transposition): ``qkv``
     (``C -> 3C``: q, k, v blocks, head-major inside each), ``proj``, ``wg`` (router, no bias),
@@ -184,7 +187,7 @@ class MoHAttention(nnx.Module):
     def __init__(
         self, d_model: int, num_heads: int, *, num_shared: int = 0, top_k: int = 1,
         attention: str = "softmax", qkv_bias: bool = True, cpb: bool = False, cpb_hidden: int = 512,
-        seq_length: int | None = None, rngs: nnx.Rngs,
+        seq_length: int | None = None, rope: bool | float = False, rngs: nnx.Rngs,
     ):
         for name, val in (("d_model", d_model), ("num_heads", num_heads)):
             if not isinstance(val, int) or val < 1:
@@ -211,6 +214,12 @@ class MoHAttention(nnx.Module):
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
         self.num_shared, self.num_routed, self.top_k = num_shared, e, top_k
         self.attention, self.seq_length = attention, seq_length
+        if rope is not False and rope is not None:
+            if attention != "softmax":
+                raise ValueError("rope needs attention='softmax'")
+            if self.head_dim % 2:
+                raise ValueError(f"rope needs an even head_dim; got {self.head_dim}")
+        self.rope_theta = None if rope is False or rope is None else (10_000.0 if rope is True else float(rope))
         self.qkv = _dense(d_model, 3 * d_model, ("embed", "heads"), rngs, use_bias=qkv_bias)
         self.proj = _dense(d_model, d_model, ("heads", "embed"), rngs)
         normal = nnx.initializers.normal(1.0 / math.sqrt(d_model))
@@ -261,10 +270,14 @@ class MoHAttention(nnx.Module):
         b = self.cpb_fc2(jax.nn.relu(self.cpb_fc1(table)))  # [T, h]
         return jnp.take(b.T, index, axis=1).reshape(self.num_heads, nq, nk)
 
-    def _qkv(self, x: Array) -> tuple[Array, Array, Array]:
+    def _qkv(self, x: Array, positions: Array | None = None) -> tuple[Array, Array, Array]:
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.rope_theta is not None:
+            pos = jnp.arange(n)[None] if positions is None else positions
+            q, k = apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta)
+        return q, k, v
 
     def _scaled(self, q: Array, k: Array, n_keys: int) -> tuple[Array, Array, float]:
         """The (q, k, scale) fed to softmax attention."""
@@ -358,10 +371,13 @@ class MoHAttention(nnx.Module):
             raise ValueError(
                 f"x_t must be [batch, d_model={self.d_model}] or [batch, 1, d_model]; got {shape_str(x_t)}"
             )
+        if self.rope_theta is not None and position is None:
+            raise ValueError("position (the token's absolute position) is needed with rope")
         if self.attention == "cosine" and self.seq_length is None:
             raise ValueError("decoding with attention='cosine' needs seq_length (the log N scale)")
         aux = self.gates(x)
-        q, k, v = self._qkv(x)
+        pos = jnp.asarray(0 if position is None else position, jnp.int32)
+        q, k, v = self._qkv(x, pos[None, None] if pos.ndim == 0 else pos[:, None])
         qs, ks, scale = self._scaled(q, k, 1)
         y, state = za.softmax_step(state, qs[:, 0], ks[:, 0], v[:, 0], scale=scale)
         gated = y.astype(jnp.float32)[:, None]
@@ -369,3 +385,20 @@ class MoHAttention(nnx.Module):
             gated = aux["head_gates"][..., None] * gated
         out = self.proj(gated.astype(x.dtype).reshape(x.shape[0], 1, self.d_model))
         return (out[:, 0] if squeeze else out), state
+
+
+def moh_mixer(
+    d_model: int, rngs: nnx.Rngs, *, num_heads: int, rope: bool | float = False, num_shared: int | None = None,
+    top_k: int | None = None, **kw: Any,
+) -> MoHAttention:
+    """``zoo.nn.register_mixer`` factory (mixer ``"moh"``): causal softmax MoH attention, by default
+    half the heads shared and a quarter of them routed per token (the MoH-LLaMA3 ratios, 75%
+    active), at least one routed."""
+    if num_shared is None:
+        num_shared = num_heads // 2
+    if top_k is None:
+        top_k = max(1, num_heads // 4) if num_heads > num_shared else 0
+    return MoHAttention(d_model, num_heads, num_shared=num_shared, top_k=top_k, rope=rope, rngs=rngs, **kw)
+
+
+register_mixer("moh", moh_mixer)

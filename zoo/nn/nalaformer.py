@@ -40,6 +40,7 @@ from flax import nnx
 import zoo.attention as za
 from zoo.attention import feature_maps as fmaps
 from zoo.attention._common import shape_str
+from zoo.nn.attention import register_mixer
 from zoo.nn.layers import axes
 
 Array = jax.Array
@@ -256,3 +257,6 @@ def nalaformer_mixer(
     """``zoo.nn.register_mixer`` factory (mixer ``"nalaformer_layer"``): the causal variant, LePE off."""
     kw.setdefault("lepe", False)
     return NaLaFormerAttention(d_model, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kw)
+
+
+register_mixer("nalaformer_layer", nalaformer_mixer)
