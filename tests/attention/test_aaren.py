@@ -19,7 +19,24 @@ TOL = 2e-6  # float32 forms vs float32 reference, O(1) values
 # Jitted entry points (eager op-by-op dispatch of the scans is slow on a busy CPU).
 aaren = jax.jit(A.aaren, static_argnames=("causal", "impl", "return_state"))
 aaren_naive = jax.jit(A.aaren_naive, static_argnames=("causal",))
-step = jax.jit(A.step)
+
+
+def _run_steps(q, k, v, mask=None):
+    """Feeds the tokens one at a time through ``A.step`` (a ``lax.scan`` over time). ``q`` is
+    ``[heads, head_dim]`` (constant) or per position. Returns ``(y [B, T, H, E], states [T, ...])``."""
+    st0 = A.init_state(k.shape[0], k.shape[2] if q.ndim == 4 else q.shape[0], value_dim=v.shape[-1])
+    tm = lambda x: None if x is None else jnp.moveaxis(jnp.asarray(x), 1, 0)
+
+    def body(st, xs):
+        q_t, k_t, v_t, m_t = xs
+        y, st = A.step(st, q if q_t is None else q_t, k_t, v_t, mask_t=m_t)
+        return st, (y, st)
+
+    _, (ys, states) = jax.lax.scan(body, st0, (tm(q) if q.ndim == 4 else None, tm(k), tm(v), tm(mask)))
+    return jnp.moveaxis(ys, 0, 1), states
+
+
+run_steps = jax.jit(_run_steps)
 
 
 def _inputs(seed=0, hk=H, per_position=False):
@@ -88,12 +105,9 @@ def test_states_and_step_equal_scan():
     assert_close(st_a.u, p.sum(1), atol=TOL, rtol=1e-6, what="normaliser")
     assert_close(st_a.w, np.einsum("bth,bthe->bhe", p, v), atol=TOL, rtol=1e-6, what="numerator")
 
-    st = A.init_state(B, H, D, E)
-    ys = []
-    for t in range(T):
-        y, st = step(st, q, k[:, t], v[:, t], mask_t=m[:, t])
-        ys.append(y)
-    assert_close(jnp.stack(ys, 1), out_a, atol=TOL, what="step vs scan")
+    ys, states = run_steps(q, k, v, m)
+    assert_close(ys, out_a, atol=TOL, what="step vs scan")
+    st = A.AarenState(*(x[-1] for x in states))
     tree_assert_close(st, st_a, atol=TOL, rtol=1e-6, what="step final state")
 
 
@@ -147,14 +161,8 @@ def test_step_gradients_from_empty_state():
     q, k, v = _inputs(seed=21)
     m = _mask()
 
-    def run(q, k, v):
-        st, tot = A.init_state(B, H, D, E), 0.0
-        for t in range(T):
-            y, st = A.step(st, q, k[:, t], v[:, t], mask_t=m[:, t])
-            tot = tot + jnp.sum(y * (t + 1))
-        return tot
-
     w = np.arange(1, T + 1, dtype=np.float32)[None, :, None, None]
+    run = lambda q, k, v: jnp.sum(w * _run_steps(q, k, v, m)[0])
     naive = lambda q, k, v: jnp.sum(w * A.aaren_naive(q, k, v, mask=m))
     g = jax.jit(jax.grad(run, argnums=(0, 1, 2)))(q, k, v)
     g_ref = jax.jit(jax.grad(naive, argnums=(0, 1, 2)))(q, k, v)
@@ -192,19 +200,18 @@ def test_fixture_parity():
         assert_close(st.u, f["normalizer"][:, -1], atol=1e-5, rtol=1e-6, what="fixture normaliser")
         assert_close(out.mean(axis=2), f["out_module_mean_heads"], atol=1e-5, what="module mean")
     assert_close(aaren_naive(q, k, v), f["out"], atol=1e-5, what="fixture naive")
-    st = A.init_state(k.shape[0], k.shape[2], value_dim=v.shape[-1])
-    for t in range(k.shape[1]):
-        y, st = step(st, q, k[:, t], v[:, t])
-        assert_close(y, f["out"][:, t], atol=1e-5, what=f"fixture step t={t}")
-        assert_close(st.m, f["running_max"][:, t], atol=1e-5, what="fixture step max")
-        assert_close(st.u, f["normalizer"][:, t], atol=1e-5, rtol=1e-6, what="step normaliser")
+    ys, states = run_steps(q, k, v)
+    assert_close(ys, f["out"], atol=1e-5, what="fixture step outputs")
+    assert_close(jnp.moveaxis(states.m, 0, 1), f["running_max"], atol=1e-5, what="step running max")
+    assert_close(jnp.moveaxis(states.u, 0, 1), f["normalizer"], atol=1e-5, rtol=1e-6, what="step normaliser")
 
 
 def test_registered():
     tr = za.get("aaren")
     assert tr.causal_only and tr.step is A.step and tr.reference is A.aaren_naive
     q, k, v = _inputs(seed=31, per_position=True)
-    assert_close(tr(q, k, v, causal=True), aaren_naive(q, k, v), atol=TOL, what="registry")
+    out = jax.jit(lambda q, k, v: tr(q, k, v, causal=True))(q, k, v)
+    assert_close(out, aaren_naive(q, k, v), atol=TOL, what="registry")
 
 
 def test_bad_inputs():

@@ -19,7 +19,17 @@ TOL = 2e-6  # float32 forms vs float32 / float64 references; outputs are O(1)
 _STATIC = ("causal", "eps", "clamp", "chunk_size", "impl", "return_state")
 flow = jax.jit(F.flow, static_argnames=_STATIC)
 flow_naive = jax.jit(F.flow_naive, static_argnames=("causal", "eps", "clamp"))
-step = jax.jit(F.step, static_argnames=("eps", "clamp"))
+
+
+def _run_steps(q, k, v, eps=1e-6):
+    """Feeds the tokens one at a time through ``F.step`` (a ``lax.scan`` over time)."""
+    tm = lambda x: jnp.moveaxis(jnp.asarray(x), 1, 0)
+    body = lambda st, x: (lambda y, st: (st, y))(*F.step(st, *x, eps=eps))
+    st, ys = jax.lax.scan(body, F.init_state(*q.shape[::2], q.shape[3], v.shape[-1]), (tm(q), tm(k), tm(v)))
+    return jnp.moveaxis(ys, 0, 1), st
+
+
+run_steps = jax.jit(_run_steps, static_argnames=("eps",))
 
 
 def _inputs(seed=0, t=T, tk=None, hk=H, scale=1.0):
@@ -100,12 +110,8 @@ def test_no_clamp_is_finite():
 def test_step_and_state_equal_parallel():
     q, k, v = _inputs(seed=7)
     out, st = flow(q, k, v, causal=True, chunk_size=4, return_state=True)
-    s = F.init_state(B, H, D, E)
-    ys = []
-    for t in range(T):
-        y, s = step(s, q[:, t], k[:, t], v[:, t])
-        ys.append(y)
-    assert_close(jnp.stack(ys, 1), out, atol=TOL, what="step vs parallel")
+    ys, s = run_steps(q, k, v)
+    assert_close(ys, out, atol=TOL, what="step vs parallel")
     # States hold prefix sums that grow with T: compare relatively.
     tree_assert_close(s, st, atol=TOL, rtol=1e-5, what="final state")
     assert_close(st.sum_q, jax.nn.sigmoid(q).sum(1), atol=1e-5, what="sum_q definition")
@@ -205,13 +211,7 @@ def test_gradients_match_naive(causal):
 def test_step_gradient_finite():
     q, k, v = _inputs(seed=15, t=3)
 
-    def run(q, k, v):
-        s, tot = F.init_state(B, H, D, E), 0.0
-        for t in range(3):
-            y, s = F.step(s, q[:, t], k[:, t], v[:, t])
-            tot = tot + jnp.sum(y)
-        return tot
-
+    run = lambda q, k, v: jnp.sum(_run_steps(q, k, v)[0])
     g = jax.jit(jax.grad(run, argnums=(0, 1, 2)))(q, k, v)
     naive = lambda *a: jnp.sum(F.flow_naive(*a, causal=True))
     g_ref = jax.jit(jax.grad(naive, argnums=(0, 1, 2)))(q, k, v)
@@ -249,10 +249,7 @@ def test_fixture_parity(causal):
     if causal:
         out = flow(q, k, v, causal=True, eps=eps, impl="scan")
         assert_close(out, f["out"], atol=1e-5, what="scan")
-        s = F.init_state(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-        for t in range(q.shape[1]):
-            y, s = step(s, q[:, t], k[:, t], v[:, t], eps=eps)
-            assert_close(y, f["out"][:, t], atol=1e-5, what=f"step t={t}")
+        assert_close(run_steps(q, k, v, eps=eps)[0], f["out"], atol=1e-5, what="step")
 
 
 def test_registered():
@@ -260,7 +257,8 @@ def test_registered():
     assert tr.step is F.step and tr.init_state is F.init_state and tr.reference is F.flow_naive
     q, k, v = _inputs(seed=18)
     ref = F.flow_naive(q, k, v, causal=True)
-    assert_close(tr(q, k, v, causal=True), ref, atol=TOL, what="registry")
+    out = jax.jit(lambda q, k, v: tr(q, k, v, causal=True))(q, k, v)
+    assert_close(out, ref, atol=TOL, what="registry")
 
 
 def test_bad_inputs():
