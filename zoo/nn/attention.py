@@ -430,9 +430,7 @@ def build_mixer(spec: Any, d_model: int, *, rngs: nnx.Rngs, name: str = "mixers"
     if not isinstance(spec, Mapping):
         raise ValueError(f"{name}: a mixer must be a name, a Transform or a dict; got {spec!r}")
     kw = dict(spec)
-    if "module" in kw and "transform" in kw:
-        raise ValueError(f"{name}: a mixer dict sets either 'module' or 'transform', not both; got {spec!r}")
-    if "module" in kw:
+    if "module" in kw:  # other keys (a "transform" too) are the factory's arguments
         mod = kw.pop("module")
         if not isinstance(mod, str) or mod not in _MIXERS:
             raise ValueError(f"{name}: unknown mixer module {mod!r}; valid: {', '.join(mixer_names())}")
