@@ -374,3 +374,12 @@ def test_classifier_features_and_errors():
         EncoderClassifier(V, 3, D, 1, H, pooling="max", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="mask"):
         c(f, mask=jnp.ones((B, 9), bool))  # linear attention takes no mask
+
+
+@pytest.mark.parametrize("module", [n for n in zn.mixer_names() if n not in ("attention", "test_shift")])
+def test_decode_matches_forward_every_module_mixer(module):
+    """Every registered mixer module (written against the register_mixer interface) works as a
+    DecoderLM layer: decode_step token by token == forward."""
+    m = DecoderLM(V, D, L, H, mixers=[{"module": module}, "softmax"], max_len=32, rngs=nnx.Rngs(0))
+    x = tokens()
+    assert_close(decode_all(m, x), fwd(m, x), atol=1e-4, rtol=1e-4, what=f"{module}: decode vs forward")
