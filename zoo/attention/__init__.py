@@ -20,6 +20,10 @@ from zoo.attention.linear import (
 )
 from zoo.attention.linear import init_state as linear_init_state
 from zoo.attention.linear import step as linear_step
+from zoo.attention.miras import PRESETS as MIRAS_PRESETS
+from zoo.attention.miras import memora, miras, miras_naive, moneta, yaad
+from zoo.attention.miras import preset as miras_preset
+from zoo.attention.miras import step as miras_step
 from zoo.attention.positional import (
     identity_encoding,
     positional,
@@ -40,6 +44,9 @@ from zoo.attention.softmax import (
     softplus,
 )
 from zoo.attention.softmax import step as softmax_step
+from zoo.attention.titans import MemoryState, titans, titans_naive
+from zoo.attention.titans import init_state as memory_init_state
+from zoo.attention.titans import step as titans_step
 
 register(Transform(
     "softmax", softmax, reference=softmax_naive, init_state=init_cache, step=softmax_step,
@@ -82,6 +89,24 @@ register(Transform(
     "positional", positional, reference=positional_naive, init_state=init_cache, step=softmax_step,
     description="positional attention: weights from positional q/k only, values from the input",
 ))
+register(Transform(
+    "titans", titans, reference=titans_naive, init_state=memory_init_state, step=titans_step,
+    causal_only=True, description="Titans neural memory: test-time GD + momentum + decay (chunked)",
+))
+register(Transform(
+    "miras", miras, reference=miras_naive, init_state=memory_init_state, step=miras_step,
+    causal_only=True, description="Miras memory: choose bias, retention, algorithm, architecture",
+))
+for _name, _desc in (
+    ("moneta", "Moneta (Miras): lp attentional bias, lq retention"),
+    ("yaad", "Yaad (Miras): Huber attentional bias, l2 retention"),
+    ("memora", "Memora (Miras): l2 attentional bias, KL retention (simplex weights)"),
+):
+    register(Transform(
+        _name, miras, reference=miras_preset(miras_naive, _name), init_state=memory_init_state,
+        step=miras_preset(miras_step, _name), defaults=dict(MIRAS_PRESETS[_name]), causal_only=True,
+        description=_desc,
+    ))
 
 __all__ = [
     "AarenState", "aaren", "aaren_init_state", "aaren_naive", "aaren_step",
@@ -91,4 +116,6 @@ __all__ = [
     "KVCache", "LinearState", "Transform", "alibi_slopes", "feature_maps", "get", "init_cache",
     "linear", "linear_init_state", "linear_naive", "linear_step", "names", "prefill", "register",
     "sigmoid", "sliding_window", "softmax", "softmax_naive", "softmax_step", "softplus",
+    "MemoryState", "memora", "memory_init_state", "miras", "miras_naive", "miras_step", "moneta",
+    "titans", "titans_naive", "titans_step", "yaad",
 ]
