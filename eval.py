@@ -12,7 +12,7 @@ import pathlib
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from zoo import run
 
@@ -97,6 +97,7 @@ def table(results: dict) -> str:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     dirs = run.run_dirs(_WORKDIR.value)
     if not dirs:
         print(f"no run (a directory with checkpoints/) in {_WORKDIR.value}", file=sys.stderr)

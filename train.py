@@ -9,7 +9,7 @@ import copy
 import importlib.util
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from zoo import run, sharding
@@ -44,6 +44,7 @@ def sweep_configs(config_path: str, base):
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     sharding.maybe_initialize_distributed()
     config = _CONFIG.value
     if config is None:

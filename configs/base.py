@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     ]
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.splits = ["test"]  # splits eval.py reports (length / value-range sweeps add more)
+    c.eval.splits = ("test",)  # splits eval.py reports (length / value-range sweeps add more)
     c.eval.batch_size = 64
     c.eval.max_batches = 16
     return c

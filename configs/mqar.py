@@ -23,14 +23,14 @@ def get_config():
     c.task.params.num_kv_pairs = 4
     c.task.params.num_train = 20000
     c.task.params.num_test = 1000
-    c.task.params.test_lengths = [128, 256]
+    c.task.params.test_lengths = (128, 256)
     c.model.short_conv = 2
     c.model.max_len = 256
     c.train.steps = 1500
     c.train.batch_size = 64
     c.train.eval_every = 500
     c.train.checkpoint_every = 500
-    c.eval.splits = ["test", "test_len128", "test_len256"]
+    c.eval.splits = ("test", "test_len128", "test_len256")
     return c
 
 

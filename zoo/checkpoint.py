@@ -78,7 +78,12 @@ class Checkpointer:
                 config=ocp.args.JsonRestore(),
             ),
         )
-        return out.state, _from_jsonable(out.data), out.config
+        # Place every leaf exactly like the template (orbax may commit scalars to one device).
+        state = jax.tree.map(
+            lambda x, t: jax.device_put(x, t.sharding) if getattr(t, "sharding", None) is not None else x,
+            out.state, abstract_state,
+        )
+        return state, _from_jsonable(out.data), out.config
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

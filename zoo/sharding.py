@@ -56,18 +56,24 @@ def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence
         if n % known:
             raise ValueError(f"mesh axes {sizes} do not divide the {n} devices")
         sizes[sizes.index(-1)] = n // known
-    if int(np.prod(sizes)) != n:
+    if int(np.prod(sizes)) > n:
         raise ValueError(
             f"mesh data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = {int(np.prod(sizes))} but there are "
-            f"{n} devices; set one axis to -1 to use them all"
+            f"only {n} devices"
         )
     return tuple(sizes)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> jax.sharding.Mesh:
-    """A ``Mesh`` with axes ``(data, fsdp, tensor)`` over all devices."""
+    """A ``Mesh`` with axes ``(data, fsdp, tensor)``: over all devices when an axis is -1, else over
+    the first ``data * fsdp * tensor`` devices (e.g. ``1, 1, 1`` = one device)."""
     shape = mesh_shape(data, fsdp, tensor)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    n = int(np.prod(shape))
+    devices = jax.devices()
+    if n == len(devices):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    return jax.sharding.Mesh(np.asarray(devices[:n]).reshape(shape), MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
 def rules_from(config_rules: Any) -> tuple[tuple[str, Any], ...]:

@@ -136,6 +136,23 @@ def make_optimizer(cfg: dict, total_steps: int) -> optax.GradientTransformation:
 # ----------------------------------------------------------------------------- train state
 
 
+def _place_like_params(opt_state: Any, params: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Optimizer moments get the sharding of the parameter they belong to (matched by key path
+    suffix and shape), everything else (counts, scalars) is replicated over the mesh."""
+    keystr = jax.tree_util.keystr
+    by_path = [(keystr(p), x.shape, x.sharding) for p, x in jax.tree_util.tree_leaves_with_path(params)]
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(path, x):
+        ks = keystr(path)
+        for pk, shape, sh in by_path:
+            if ks.endswith(pk) and x.shape == shape:
+                return jax.device_put(x, sh)
+        return jax.device_put(x, replicated)
+
+    return jax.tree_util.tree_map_with_path(place, opt_state)
+
+
 @dataclasses.dataclass
 class Trainer:
     """Holds the model graph, the optimizer and the jitted steps for one run."""
@@ -155,8 +172,9 @@ class Trainer:
         params = jax.device_put(params, p_sh)
         rest = jax.device_put(rest, sharding.state_shardings(rest, self.mesh, self.rules))
         # Optimizer moments inherit the parameter shardings (jit propagates them).
-        opt_state = jax.jit(self.tx.init)(params)
-        return {"params": params, "rest": rest, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
+        opt_state = _place_like_params(jax.jit(self.tx.init)(params), params, self.mesh)
+        step = jax.device_put(jnp.zeros((), jnp.int32), jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        return {"params": params, "rest": rest, "opt_state": opt_state, "step": step}
 
     def _merge(self, params, rest):
         if self.compute_dtype != jnp.float32:
@@ -173,7 +191,7 @@ class Trainer:
         (loss, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], state["rest"], batch)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
         return {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def eval_step(self, state: dict, batch: dict) -> dict:
