@@ -173,7 +173,8 @@ class Trainer:
         rest = jax.device_put(rest, sharding.state_shardings(rest, self.mesh, self.rules))
         # Optimizer moments inherit the parameter shardings (jit propagates them).
         opt_state = _place_like_params(jax.jit(self.tx.init)(params), params, self.mesh)
-        step = jax.device_put(jnp.zeros((), jnp.int32), jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
         return {"params": params, "rest": rest, "opt_state": opt_state, "step": step}
 
     def _merge(self, params, rest):

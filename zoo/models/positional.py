@@ -53,7 +53,8 @@ class PositionalTransformer(nnx.Module):
       d_model, num_heads, mlp_hidden, mlp_layers: block sizes (paper: 64, 2, 64, 2).
       num_blocks: override the depth.
       encodings: ``"onehot"`` (``P = I_L``) or an array ``[L, pos_dim]`` of fixed encodings.
-      record: sow each block's attention weights (``nnx.Intermediate``).
+      record: sow each block's attention weights (``nnx.Intermediate`` ``"attn_weights"``, under
+        ``nnx.capture(model, nnx.Intermediate)``).
 
     ``__call__(x)``: ``x [B, L, in_dim]`` (or ``[B, L]`` when ``in_dim == 1``) ->
     ``[B, L, out_dim]``. ``attention_weights()`` returns the ``[num_blocks, H, L, L]`` weights,

@@ -18,7 +18,7 @@ Aaren) exactly, by running the transform on one-hot values ``v_j = e_j``: the ou
 is then row ``i`` of the attention matrix. :func:`softmax_weights` is the direct formula for
 softmax attention. :class:`AttentionDiagnostics` wraps a transform: with ``enabled=True`` it sows
 the weights, per-head entropy, sink scores and optionally the entropy-regulariser term with
-``nnx.sow(nnx.Intermediate, ...)``, and never changes the output.
+``nnx.sow(nnx.Intermediate, ...)`` under ``nnx.capture``, and never changes the output.
 """
 
 from __future__ import annotations
@@ -167,12 +167,20 @@ def entropy_regularizer(
     return coef * jnp.mean((ent - target) ** 2)
 
 
+def capturing(module: nnx.Module) -> bool:
+    """True while ``module`` runs under ``nnx.capture(...)`` (flax >= 0.12.8 marks every submodule
+    with a ``__captures__`` collection then). The modules here sow only in that case: ``sow``
+    outside ``nnx.capture`` is deprecated and would grow the module's state on every call."""
+    return hasattr(module, "__captures__")
+
+
 class AttentionDiagnostics(nnx.Module):
     """Wraps an attention transform; when enabled, records its weights without changing outputs.
 
     ``diag = AttentionDiagnostics("softmax", enabled=True)``; ``y = diag(q, k, v, causal=True)``
-    returns exactly ``zoo.attention.get("softmax")(q, k, v, causal=True)`` and sows (as
-    ``nnx.Intermediate``, read them with ``nnx.pop(model, nnx.Intermediate)``):
+    returns exactly ``zoo.attention.get("softmax")(q, k, v, causal=True)``; run under
+    ``y, stats = nnx.capture(model, nnx.Intermediate)(...)`` it also sows (as ``nnx.Intermediate``,
+    found in ``stats`` at the module's path):
 
     - ``attention_weights`` ``[B, H, Tq, Tk]`` (when ``record_weights``),
     - ``attention_entropy`` ``[H]`` and, for self-attention, ``sink_scores`` ``[H, Tk]``,
@@ -222,7 +230,7 @@ class AttentionDiagnostics(nnx.Module):
     def __call__(self, q: Array, k: Array, v: Array, **options: Any) -> Array:
         opts = {**self.options, **options}
         out = self.fn(q, k, v, **opts)
-        if self.enabled:
+        if self.enabled and capturing(self):
             w = self.weights(q, k, **options)
             if self.record_weights:
                 self.sow(nnx.Intermediate, "attention_weights", w)

@@ -16,8 +16,9 @@ all tokens of the batch, ``f_i`` = fraction of tokens routing to ``i``):
 
     L_b = E^2 mean_i(P_i f_i)        (= K for perfectly balanced routing)
 
-sown as ``nnx.Intermediate`` ``"load_balance_loss"`` (the paper adds ``0.01`` times its mean
-over layers to the task loss) and returned with ``return_aux=True``.
+returned with ``return_aux=True`` and, under ``nnx.capture(model, nnx.Intermediate)``, sown as
+``nnx.Intermediate`` ``"load_balance_loss"`` (so a whole model's losses are collected in one
+call; the paper adds ``0.01`` times their mean over layers to the task loss).
 
 The head attention is either plain scaled dot-product softmax (``attention="softmax"``, for
 language models; causal, with a KV-cache decode) or the TransNeXt-style cosine attention of
@@ -48,7 +49,7 @@ from flax import nnx
 import zoo.attention as za
 from zoo.attention._common import shape_str
 from zoo.nn.attention import register_mixer
-from zoo.nn.diagnostics import softmax_weights
+from zoo.nn.diagnostics import capturing, softmax_weights
 from zoo.nn.layers import apply_rope, axes
 
 Array = jax.Array
@@ -349,7 +350,9 @@ class MoHAttention(nnx.Module):
         if "head_gates" in aux:
             gated = aux["head_gates"][..., None] * gated
         out = self.proj(gated.astype(x.dtype).reshape(b, n, self.d_model))
-        if "load_balance_loss" in aux:
+        if "load_balance_loss" in aux and capturing(self):
+            # Recorded only under ``nnx.capture(model, nnx.Intermediate)`` (sowing outside it would
+            # grow the module's state on every call).
             self.sow(nnx.Intermediate, "load_balance_loss", aux["load_balance_loss"])
         if return_aux:
             return out, {**aux, "head_out": heads}

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from zoo.attention._common import shape_str
+from zoo.nn.diagnostics import capturing
 from zoo.nn.layers import axes
 
 Array = jax.Array
@@ -84,7 +85,8 @@ class PositionalAttention(nnx.Module):
 
     ``__call__(x, p=None)``: ``p [L, pos_dim]`` (default: one-hot ``I_L``, needs
     ``pos_dim == L``). ``attention_weights(p)`` returns ``A [H, L, L]``; with ``record=True``
-    (attribute) the call also sows them as ``nnx.Intermediate`` ``"attention_weights"``.
+    (attribute) the call also sows them as ``nnx.Intermediate`` ``"attn_weights"`` (collect with
+    ``nnx.capture(model, nnx.Intermediate)``).
     """
 
     def __init__(self, d_model: int, num_heads: int, pos_dim: int, *, record: bool = False,
@@ -133,8 +135,8 @@ class PositionalAttention(nnx.Module):
             raise ValueError(f"x must be [batch, length, d_model={self.d_model}]; got {shape_str(x)}")
         b, t, _ = x.shape
         a = self.attention_weights(self._encodings(p, t))
-        if self.record:
-            self.sow(nnx.Intermediate, "attention_weights", a)
+        if self.record and capturing(self):
+            self.sow(nnx.Intermediate, "attn_weights", a)
         v = self.v_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         heads = jnp.einsum("hij,bjhd->bihd", a, v.astype(jnp.float32)).astype(x.dtype)
         return self.o_proj(heads.reshape(b, t, self.d_model))

@@ -123,7 +123,7 @@ class SigmaReparamDense(nnx.Module):
             g = jnp.float32(1.0)
         else:
             g = jnp.float32(gamma_init)
-        self.gamma = nnx.Param(jnp.asarray(g, param_dtype))
+        self.gamma = nnx.Param(jnp.asarray(g, param_dtype), **axes())
         self.u = nnx.BatchStat(_init(lambda *_: u0, kernel_axes[0])(None, None))
         self.sigma = nnx.BatchStat(jnp.asarray(sigma0, jnp.float32))
 
