@@ -76,6 +76,56 @@ def plot(results: dict, out: pathlib.Path) -> list[str]:
     return written
 
 
+def attention_entropy(model, source, batch_size: int = 16) -> dict[str, list[float]]:
+    """Per-layer, per-head attention entropy (nats) on one test batch, recorded by the attention
+    modules under ``nnx.capture`` (mechanisms without attention weights are absent)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from zoo import data as zdata
+
+    batch = next(iter(zdata.make_iterator(source, batch_size=min(batch_size, len(source)), seed=0, shuffle=False,
+                                          num_epochs=1)))
+    _, stats = nnx.capture(model, nnx.Intermediate)(jax.numpy.asarray(batch["inputs"]))
+    out = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(stats):
+        ks = jax.tree_util.keystr(path)
+        if "attention_entropy" in ks:
+            layer = ks.split("['attention_entropy']")[0]
+            out[layer] = [float(v) for v in np.asarray(x)]
+    return out
+
+
+def plot_entropy(results: dict, out: pathlib.Path) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {n: r["attention_entropy"] for n, r in results.items() if r.get("attention_entropy")}
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.2), squeeze=False)
+    for ax, (name, ent) in zip(axes[0], sorted(runs.items())):
+        layers = list(ent)
+        grid = [ent[layer] for layer in layers]
+        width = max(len(g) for g in grid)
+        arr = [g + [float("nan")] * (width - len(g)) for g in grid]
+        im = ax.imshow(arr, aspect="auto", cmap="viridis")
+        ax.set_title(name)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(len(layers)), [str(i) for i in range(len(layers))])
+        fig.colorbar(im, ax=ax, label="entropy (nats)")
+    fig.suptitle("attention entropy per head (one test batch)")
+    fig.tight_layout()
+    path = out / "attention_entropy_per_head.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
 def table(results: dict) -> str:
     splits = sorted({s for r in results.values() for s in r["splits"]}, key=lambda s: (s != "test", s))
     head = "| run | mixer | step | " + " | ".join(splits) + " |"
@@ -108,7 +158,9 @@ def main(argv):
     try:
         for d in dirs:
             r = run.evaluate(d, step=_STEP.value, splits=_SPLITS.value)
-            r.pop("model", None)
+            model = r.pop("model")
+            sources = r.pop("sources")
+            r["attention_entropy"] = attention_entropy(model, sources["test"])
             r["seq_len"] = json.loads((d / "config.json").read_text())["task"]["params"].get("seq_len") \
                 if (d / "config.json").exists() else None
             results[d.name] = r
@@ -117,6 +169,8 @@ def main(argv):
         sys.exit(2)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plots = plot(results, out)
+    ent_plot = plot_entropy(results, out)
+    plots += [ent_plot] if ent_plot else []
     print(table(results))
     print(f"\nwrote {out / 'results.json'}" + "".join(f"\nwrote {p}" for p in plots))
 

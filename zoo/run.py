@@ -241,4 +241,5 @@ def evaluate(workdir: str | os.PathLike, *, step: int | None = None, splits: lis
         out["splits"][s] = _evaluate_split(trainer, eval_step, state, sources[s], cfg["eval"]["batch_size"],
                                            cfg["eval"]["max_batches"])
     out["model"] = trainer.model(state)
+    out["sources"] = sources
     return out

@@ -25,7 +25,12 @@ from flax import nnx
 
 import zoo.attention as za
 from zoo.attention import feature_maps as fmaps
+from zoo.nn.diagnostics import attention_entropy, attention_weights, capturing, sink_scores
 from zoo.nn.layers import RMSNorm, apply_rope, axes, cast, normal_init, param
+
+# Transforms whose output is not a weighted sum of values (test-time memories): no attention
+# weights to report under ``nnx.capture``.
+NOT_LINEAR_IN_V = frozenset({"titans", "miras", "moneta", "yaad", "memora"})
 
 Array = jax.Array
 
@@ -249,7 +254,7 @@ class MultiHeadAttention(nnx.Module):
     def options(self, *, for_step: bool = False) -> dict[str, Any]:
         """The keyword options of the transform call (``for_step``: of its ``step``)."""
         opts = {k: (v.value if isinstance(v, _Static) else v) for k, v in self._static_options}
-        opts.update({k: v[...] for k, v in self.transform_arrays.items()})
+        opts.update({k: v[...] for k, v in self.transform_arrays.items() if not k.startswith("__")})
         fmp = self.feature_map_params()
         if fmp is not None:
             opts["feature_map_params"] = fmp
@@ -312,6 +317,12 @@ class MultiHeadAttention(nnx.Module):
             opts["mask"] = mask[:, None, None, :] if mask.ndim == 2 else mask
         q, k, v = self._project(x, jnp.arange(x.shape[1]))
         y = t.fn(q, k, v, causal=causal, **opts)
+        if capturing(self) and t.name not in NOT_LINEAR_IN_V:
+            # Diagnostics, only under ``nnx.capture(model, nnx.Intermediate)``: outputs unchanged.
+            w = attention_weights(lambda q, k, v: t.fn(q, k, v, causal=causal, **opts), q, k)
+            self.sow(nnx.Intermediate, "attention_entropy", attention_entropy(w))
+            if w.shape[-1] == w.shape[-2]:
+                self.sow(nnx.Intermediate, "sink_scores", sink_scores(w))
         return cast(self._output(x, y), self.dtype)
 
     def init_state(self, batch: int, max_len: int, dtype: Any = None) -> Any:
