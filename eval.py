@@ -106,7 +106,7 @@ def plot_entropy(results: dict, out: pathlib.Path) -> str | None:
     runs = {n: r["attention_entropy"] for n, r in results.items() if r.get("attention_entropy")}
     if not runs:
         return None
-    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(max(5.0, 3.2 * len(runs)), 3.6), squeeze=False)
     for ax, (name, ent) in zip(axes[0], sorted(runs.items())):
         layers = list(ent)
         grid = [ent[layer] for layer in layers]
@@ -115,6 +115,7 @@ def plot_entropy(results: dict, out: pathlib.Path) -> str | None:
         im = ax.imshow(arr, aspect="auto", cmap="viridis")
         ax.set_title(name)
         ax.set_xlabel("head")
+        ax.set_xticks(range(width), [str(i) for i in range(width)])
         ax.set_ylabel("layer")
         ax.set_yticks(range(len(layers)), [str(i) for i in range(len(layers))])
         fig.colorbar(im, ax=ax, label="entropy (nats)")
