@@ -353,8 +353,8 @@ def test_positional_layer_fixture_parity():
     layer = PositionalAttention(fx["x"].shape[-1], h, p, rngs=_rngs())
     _load_positional(layer, fx)
     # the fused qk_proj layout: row h*2P + j -> W_Q[h][j] (j < P), W_K[h][j - P]
-    assert_close(np.transpose(layer.q_kernel[...], (1, 2, 0)), f32(fx["W_Q"]), atol=0.0)
-    assert_close(np.transpose(layer.k_kernel[...], (1, 2, 0)), f32(fx["W_K"]), atol=0.0)
+    assert_close(np.transpose(layer.q_kernel[...], (0, 2, 1)), f32(fx["W_Q"]), atol=0.0)
+    assert_close(np.transpose(layer.k_kernel[...], (0, 2, 1)), f32(fx["W_K"]), atol=0.0)
     assert_close(layer.q_bias[...], f32(fx["b_Q"]), atol=0.0)
     assert_close(layer.attention_weights(f32(fx["p"])), fx["attn_weights_derived"], atol=TOL, what="A")
     assert_close(layer(f32(fx["x"]), f32(fx["p"])), fx["out"], atol=TOL, what="layer out")
@@ -382,6 +382,8 @@ def test_positional_weights_input_independent_and_affine():
     # one layer is affine in X: f(a x1 + (1 - a) x2) = a f(x1) + (1 - a) f(x2)
     a = 0.3
     assert_close(layer(a * x1 + (1 - a) * x2), a * layer(x1) + (1 - a) * layer(x2), atol=1e-4)
+    a_causal = np.asarray(layer.attention_weights(jnp.eye(5), causal=True))
+    assert np.all(a_causal[:, np.triu_indices(5, 1)[0], np.triu_indices(5, 1)[1]] == 0.0)
     with pytest.raises(ValueError, match="p must be"):
         layer(x1, jnp.ones((5, 4)))
     with pytest.raises(ValueError, match="p must be given"):

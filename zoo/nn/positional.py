@@ -17,7 +17,9 @@ and no normalisation**.
 Reference code: opallab/positional_attention ``model.py`` (``MultiheadAttention`` with
 ``positional=True``). Its fused ``qk_proj`` (``Linear(P, 2 P H)``) maps output row ``h*2P + j``
 to ``W_Q[h][j]`` for ``j < P`` and to ``W_K[h][j - P]`` otherwise; :func:`split_qk_proj`
-converts it to this module's ``q_kernel, k_kernel [P, H, P]`` / ``q_bias, k_bias [H, P]``.
+converts it to this module's ``q_kernel, k_kernel [H, P, P]`` (``x @ W`` per head) /
+``q_bias, k_bias [H, P]``. The attention itself is ``zoo.attention.positional``
+(:func:`~zoo.attention.positional.positional_weights`, ``positional_apply``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from zoo.attention._common import shape_str
+from zoo.attention.positional import positional_apply, positional_weights
 from zoo.nn.diagnostics import capturing
 from zoo.nn.layers import axes
 
@@ -52,7 +55,7 @@ def _dense(din: int, dout: int, axes: tuple[str | None, str | None], rngs: nnx.R
 
 def split_qk_proj(weight: Any, bias: Any, num_heads: int) -> dict[str, np.ndarray]:
     """The reference ``qk_proj`` (torch ``weight [2 P H, P]``, ``bias [2 P H]``) as
-    ``{"q_kernel", "k_kernel": [P, H, P], "q_bias", "k_bias": [H, P]}`` (``x @ kernel`` layout)."""
+    ``{"q_kernel", "k_kernel": [H, P, P], "q_bias", "k_bias": [H, P]}`` (``p @ kernel[h]`` layout)."""
     w = np.asarray(weight)
     b = np.asarray(bias)
     p = w.shape[1]
@@ -64,7 +67,7 @@ def split_qk_proj(weight: Any, bias: Any, num_heads: int) -> dict[str, np.ndarra
     w = w.reshape(num_heads, 2, p, p)  # [h, q/k, out j, in]
     b = b.reshape(num_heads, 2, p)
     return {
-        "q_kernel": np.transpose(w[:, 0], (2, 0, 1)), "k_kernel": np.transpose(w[:, 1], (2, 0, 1)),
+        "q_kernel": np.transpose(w[:, 0], (0, 2, 1)), "k_kernel": np.transpose(w[:, 1], (0, 2, 1)),
         "q_bias": b[:, 0], "k_bias": b[:, 1],
     }
 
@@ -101,10 +104,10 @@ class PositionalAttention(nnx.Module):
         self.record = record
         # Xavier on the fused [P, 2 P H] matrix, as the reference initialises its qk_proj.
         qk = nnx.initializers.xavier_uniform()(rngs.params(), (pos_dim, 2 * pos_dim * num_heads))
-        qk = qk.reshape(pos_dim, num_heads, 2, pos_dim)
+        qk = jnp.transpose(qk.reshape(pos_dim, num_heads, 2, pos_dim), (1, 2, 0, 3))  # [H, q/k, in, out]
         zeros = jnp.zeros((num_heads, pos_dim))
-        self.q_kernel = nnx.Param(_init(lambda *_: qk[:, :, 0], None, "heads", None)(None, None))
-        self.k_kernel = nnx.Param(_init(lambda *_: qk[:, :, 1], None, "heads", None)(None, None))
+        self.q_kernel = nnx.Param(_init(lambda *_: qk[:, 0], "heads", None, None)(None, None))
+        self.k_kernel = nnx.Param(_init(lambda *_: qk[:, 1], "heads", None, None)(None, None))
         self.q_bias = nnx.Param(_init(lambda *_: zeros, "heads", None)(None, None))
         self.k_bias = nnx.Param(_init(lambda *_: zeros, "heads", None)(None, None))
         self.v_proj = _dense(d_model, d_model, ("embed", "heads"), rngs)
@@ -123,22 +126,24 @@ class PositionalAttention(nnx.Module):
             raise ValueError(f"p must be [length={length}, pos_dim={self.pos_dim}]; got {shape_str(p)}")
         return p
 
-    def attention_weights(self, p: Array) -> Array:
+    def attention_weights(self, p: Array, *, causal: bool = False) -> Array:
         """``A [H, L, L] = softmax(q_h k_h^T / sqrt(pos_dim))`` from encodings ``p [L, pos_dim]``."""
-        p = jnp.asarray(p, jnp.float32)
-        q = jnp.einsum("lp,phd->hld", p, self.q_kernel[...]) + self.q_bias[...][:, None]
-        k = jnp.einsum("lp,phd->hld", p, self.k_kernel[...]) + self.k_bias[...][:, None]
-        return jax.nn.softmax(jnp.einsum("hid,hjd->hij", q, k) / math.sqrt(self.pos_dim), axis=-1)
+        return positional_weights(
+            jnp.asarray(p, jnp.float32), self.q_kernel[...], self.q_bias[...], self.k_kernel[...],
+            self.k_bias[...], scale=1.0 / math.sqrt(self.pos_dim), causal=causal,
+        )
 
-    def __call__(self, x: Array, p: Array | None = None) -> Array:
+    def __call__(self, x: Array, p: Array | None = None, *, causal: bool = False) -> Array:
+        """``x [B, L, E]`` -> ``[B, L, E]``; ``causal`` restricts query ``i`` to keys ``j <= i``
+        (the paper's attention is non-causal)."""
         if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [batch, length, d_model={self.d_model}]; got {shape_str(x)}")
         b, t, _ = x.shape
-        a = self.attention_weights(self._encodings(p, t))
+        a = self.attention_weights(self._encodings(p, t), causal=causal)
         if self.record and capturing(self):
             self.sow(nnx.Intermediate, "attn_weights", a)
         v = self.v_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        heads = jnp.einsum("hij,bjhd->bihd", a, v.astype(jnp.float32)).astype(x.dtype)
+        heads = positional_apply(a, v)
         return self.o_proj(heads.reshape(b, t, self.d_model))
 
 
