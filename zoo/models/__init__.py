@@ -8,3 +8,4 @@ from zoo.models.lm import LMState as LMState
 from zoo.models.lm import generate as generate
 from zoo.models.lm import param_count as param_count
 from zoo.models.positional import PositionalTransformer as PositionalTransformer
+from zoo.models.titans import TitansLM as TitansLM

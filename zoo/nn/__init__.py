@@ -25,6 +25,9 @@ from zoo.nn.layers import ShortConv as ShortConv
 from zoo.nn.layers import apply_rope as apply_rope
 from zoo.nn.layers import axes as axes
 from zoo.nn.layers import rope_frequencies as rope_frequencies
+from zoo.nn.memory import MemoryLayerState as MemoryLayerState
+from zoo.nn.memory import MirasMemory as MirasMemory
+from zoo.nn.memory import TitansMemory as TitansMemory
 from zoo.nn.moh import MoHAttention as MoHAttention
 from zoo.nn.nalaformer import NaLaFormerAttention as NaLaFormerAttention
 from zoo.nn.positional import PositionalAttention as PositionalAttention
