@@ -45,13 +45,12 @@ def _names(v):
 # ----------------------------------------------------------------------------- Titans
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_titans_shapes_and_finite_gradients(depth):
-    m = TitansMemory(E, H, depth=depth, chunk_size=4, num_persistent=2, rngs=nnx.Rngs(0))
-    assert len(m.memory_weights) == depth
-    x = _x()
+def test_titans_shapes_and_finite_gradients():
+    m = TitansMemory(E, H, depth=2, chunk_size=4, num_persistent=2, rngs=nnx.Rngs(0))
+    assert len(m.memory_weights) == 2
+    x = _x(t=8)
     y = fwd(m, x)
-    assert y.shape == (B, T, E) and y.dtype == jnp.float32
+    assert y.shape == (B, 8, E) and y.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(y)))
     grads = nnx.jit(nnx.grad(lambda m: jnp.mean(m(x) ** 2)))(m)
     flat = dict(nnx.to_flat_state(nnx.state(grads, nnx.Param)))
