@@ -53,7 +53,9 @@ def main(argv):
         if _SWEEP.value:
             for name, cfg in sweep_configs(config_flags.get_config_filename(flags.FLAGS["config"]), config):
                 print(f"== sweep run {name}", flush=True)
-                run.train(cfg, f"{_WORKDIR.value}/{name}")
+                if run.train(cfg, f"{_WORKDIR.value}/{name}")["stopped"]:
+                    print("stopped by SIGTERM (checkpoint saved); rerun the same command to resume", flush=True)
+                    break
         else:
             run.train(config, _WORKDIR.value)
     except run.ConfigError as e:

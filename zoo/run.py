@@ -209,6 +209,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict:
         if bar is not None:
             bar.close()
     last["state"] = state
+    last["stopped"] = stop["flag"]  # SIGTERM: the caller should stop too (e.g. a sweep)
     return last
 
 
