@@ -181,7 +181,7 @@ def _setup(q, k, v, *, bias, retention, algorithm, theta, eta, alpha, delta, p, 
     _check_choices(bias, retention, algorithm, p=p, q_order=q_order, kl_scale=kl_scale, eps=eps,
                    eta=eta, alpha=alpha, delta=delta)
     qf, kf, vf = prepare(q, k, v, causal)
-    b, h, t, dk = kf.shape
+    b, t, h, dk = kf.shape
     dv = vf.shape[-1]
     check_options(activation=activation, residual=residual, grad_clip=grad_clip, dk=dk, dv=dv)
     th = gate("theta", THETA_SCALE / dk if theta is None else theta, b, t, h)
@@ -241,7 +241,7 @@ def miras(
     elif form == "dual" and rule.readout is not None:
         raise ValueError(f"form='dual' needs retention 'none' or 'l2'; got retention={retention!r}")
     y, state = run_chunked(*xs, state, rule=rule, chunk=chunk_size or DEFAULT_CHUNK, form=form)
-    y = jnp.moveaxis(y, 1, 2).astype(v.dtype)
+    y = y.astype(v.dtype)
     return (y, state) if return_state else y
 
 
@@ -266,7 +266,7 @@ def miras_naive(
         grad_clip=grad_clip, initial_state=initial_state, causal=causal,
     )
     y, state = run_sequential(*xs, state, rule=rule, chunk=chunk_size)
-    y = jnp.moveaxis(y, 1, 2).astype(v.dtype)
+    y = y.astype(v.dtype)
     return (y, state) if return_state else y
 
 

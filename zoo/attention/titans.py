@@ -234,7 +234,7 @@ def _check_state(state, b, h, dk, dv, n_layers=None) -> MemoryState:
 
 def gate(name: str, x: Any, b: int, t: int, h: int) -> Array:
     """A gate given as a scalar, ``[heads]`` or per token ``[batch, length, heads]`` ->
-    ``[batch, heads, length]`` float32; ValueError naming ``name`` otherwise."""
+    ``[batch, length, heads]`` float32; ValueError naming ``name`` otherwise."""
     x = jnp.asarray(x, jnp.float32)
     if x.ndim <= 1:
         try:
@@ -244,12 +244,12 @@ def gate(name: str, x: Any, b: int, t: int, h: int) -> Array:
                 f"{name} must be a scalar, [heads={h}] or [batch={b}, length={t}, heads={h}]; got "
                 f"{shape_str(x)}"
             ) from None
-        return jnp.broadcast_to(x[None, :, None], (b, h, t))
+        return jnp.broadcast_to(x, (b, t, h))
     if x.shape != (b, t, h):
         raise ValueError(
             f"{name} must be a scalar, [heads={h}] or [batch={b}, length={t}, heads={h}]; got {shape_str(x)}"
         )
-    return jnp.moveaxis(x, 1, 2)
+    return x
 
 
 def step_gate(name: str, x: Any, b: int, h: int) -> Array:
@@ -274,13 +274,13 @@ def check_options(*, activation: str, residual: bool, grad_clip: Any, dk: int, d
 
 
 def prepare(q, k, v, causal):
-    """Validates q/k/v (causal only), repeats grouped k/v heads, returns float32 ``[B, H, T, d]``."""
+    """Validates q/k/v (causal only), repeats grouped k/v heads, returns float32 ``[B, T, H, d]``."""
     if causal is not True:
         raise ValueError(f"test-time memories are causal only; got causal={causal!r}")
     _, _, groups = check_qkv(q, k, v, causal=True)
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    t = lambda x: jnp.moveaxis(jnp.asarray(x, jnp.float32), 1, 2)
-    return t(q), t(k), t(v)
+    f = lambda x: jnp.asarray(x, jnp.float32)
+    return f(q), f(k), f(v)
 
 
 def start_state(initial_state, weights, depth, expansion, key, b, h, dk, dv) -> MemoryState:
@@ -326,16 +326,17 @@ def _factors(w0, k, v, aux, rule):
 
 def _segment_products(g: Array) -> Array:
     """``g [..., C]`` -> ``P [..., C, C]`` with ``P[i, j] = prod_{j<u<=i} g_u`` for ``j <= i``, else 0
-    (cumulative products of masked factors: no division, exact zeros)."""
+    (prefix products of masked factors: no division, exact zeros)."""
     c = g.shape[-1]
     i = jnp.arange(c)
     x = jnp.where(i[:, None] > i[None, :], g[..., :, None], 1.0)  # x[..., u, j] = g_u if u > j
-    return jnp.where(i[:, None] >= i[None, :], jnp.cumprod(x, axis=-2), 0.0)
+    # an associative scan (O(C^2 log C)); jnp.cumprod lowers to an O(C^3) reduce-window on CPU
+    return jnp.where(i[:, None] >= i[None, :], jax.lax.associative_scan(jnp.multiply, x, axis=-2), 0.0)
 
 
 def _outer_sum(coef: Array, h: Array, d: Array) -> Array:
     """``sum_j coef_j h_j^T d_j``: ``[B, H, C] x [B, H, C, d_in] x [B, H, C, d_out] -> [B, H, d_in, d_out]``."""
-    return jnp.einsum("bhj,bhjd,bhje->bhde", coef, h, d)
+    return jnp.einsum("bhjd,bhje->bhde", h, coef[..., None] * d)
 
 
 def _chunk_dual(carry, xs, rule):
@@ -370,6 +371,7 @@ def _chunk_dual(carry, xs, rule):
         att = cmat * jnp.einsum("bhid,bhjd->bhij", h, hs[i])
         z = z + jnp.einsum("bhij,bhje->bhie", att, deltas[i])
         h = act(z) if i < len(ws) - 1 else z
+        # the state after the row token
         new_w = a[..., row, None, None] * w0 + _outer_sum(cmat[..., row, :], hs[i], deltas[i])
         new_m = _outer_sum(m_row, hs[i], deltas[i])
         if s is not None:
@@ -420,25 +422,26 @@ def _chunk_materialize(carry, xs, rule):
 
 
 def run_chunked(q, k, v, theta, eta, alpha, aux, state: MemoryState, *, rule: Rule, chunk: int, form: str):
-    """Chunked form on ``[B, H, T, d]`` inputs and ``[B, H, T]`` gates (``eta``/``alpha``/``aux``
-    may be None). Returns ``(y [B, H, T, d_v], final MemoryState)``."""
+    """Chunked form on ``[B, T, H, d]`` inputs and ``[B, T, H]`` gates (``eta``/``alpha``/``aux``
+    may be None). Returns ``(y [B, T, H, d_v], final MemoryState)``."""
     fn = _chunk_dual if form == "dual" else _chunk_materialize
-    t = q.shape[2]
+    t = q.shape[1]
     c = min(chunk, t)
     n = -(-t // c)
     pad = n * c - t
 
-    def split(x):  # [B, H, t, ...] -> [n, B, H, c, ...], zero padding at the end
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3))
-        return jnp.moveaxis(x.reshape(x.shape[:2] + (n, c) + x.shape[3:]), 2, 0)
+    def split(x):  # [B, t, H, ...] -> [n, B, H, c, ...] (one transpose), zero padding at the end
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        x = x.reshape((x.shape[0], n, c) + x.shape[2:])
+        return jnp.transpose(x, (1, 0, 3, 2) + tuple(range(4, x.ndim)))
 
     # Padding sits after the last real token, so (causality) it changes neither the outputs
     # kept nor the state, which each chunk reads at its last real token ``rows[n]``.
     rows = jnp.full((n,), c - 1, jnp.int32).at[-1].set((t - 1) % c)
     xs = jax.tree_util.tree_map(split, (q, k, v, theta, eta, alpha, aux))
     carry, y = jax.lax.scan(lambda cr, x: fn(cr, x, rule), (state.weights, state.momentum), (xs, rows))
-    y = jnp.moveaxis(y, 0, 2)
-    return y.reshape(y.shape[:2] + (n * c,) + y.shape[4:])[:, :, :t], MemoryState(*carry)
+    y = jnp.transpose(y, (1, 0, 3, 2, 4))  # [n, B, H, c, e] -> [B, n, c, H, e]
+    return y.reshape((y.shape[0], n * c) + y.shape[3:])[:, :t], MemoryState(*carry)
 
 
 # ----------------------------------------------------------------------------- sequential reference
@@ -458,8 +461,8 @@ def token_update(ws, ms, frozen, q, k, v, theta, eta, alpha, aux, rule: Rule):
 
 
 def run_sequential(q, k, v, theta, eta, alpha, aux, state: MemoryState, *, rule: Rule, chunk: int | None):
-    """Token-by-token reference on ``[B, H, T, d]`` inputs; gradients taken at the weights of the
-    start of each ``chunk`` (every token when None or 1)."""
+    """Token-by-token reference on ``[B, T, H, d]`` inputs and ``[B, T, H]`` gates; gradients taken
+    at the weights of the start of each ``chunk`` (every token when None or 1)."""
 
     def one_head(ws, ms, q, k, v, theta, eta, alpha, aux):
         def body(carry, x):
@@ -476,7 +479,8 @@ def run_sequential(q, k, v, theta, eta, alpha, aux, state: MemoryState, *, rule:
         (ws, ms, _, _), y = jax.lax.scan(body, init, (q, k, v, theta, eta, alpha, aux))
         return y, ws, ms
 
-    f = jax.vmap(jax.vmap(one_head))
+    # vmap over batch (axis 0), then heads (axis 1 of the per-token arrays, 0 of the state)
+    f = jax.vmap(jax.vmap(one_head, in_axes=(0, 0) + (1,) * 7, out_axes=(1, 0, 0)))
     y, ws, ms = f(state.weights, state.momentum, q, k, v, theta, eta, alpha, aux)
     return y, MemoryState(ws, ms)
 
@@ -487,7 +491,7 @@ def run_sequential(q, k, v, theta, eta, alpha, aux, state: MemoryState, *, rule:
 def _titans_inputs(q, k, v, theta, eta, alpha, weights, depth, expansion, key, activation, residual,
                    grad_clip, initial_state, causal):
     qf, kf, vf = prepare(q, k, v, causal)
-    b, h, t, dk = kf.shape
+    b, t, h, dk = kf.shape
     dv = vf.shape[-1]
     check_options(activation=activation, residual=residual, grad_clip=grad_clip, dk=dk, dv=dv)
     th = gate("theta", THETA_SCALE / dk if theta is None else theta, b, t, h)
@@ -538,7 +542,7 @@ def titans(
     xs, state, rule = _titans_inputs(q, k, v, theta, eta, alpha, weights, depth, expansion, key,
                                      activation, residual, grad_clip, initial_state, causal)
     y, state = run_chunked(*xs, state, rule=rule, chunk=chunk_size or DEFAULT_CHUNK, form=form)
-    y = jnp.moveaxis(y, 1, 2).astype(v.dtype)
+    y = y.astype(v.dtype)
     return (y, state) if return_state else y
 
 
@@ -560,7 +564,7 @@ def titans_naive(
     xs, state, rule = _titans_inputs(q, k, v, theta, eta, alpha, weights, depth, expansion, key,
                                      activation, residual, grad_clip, initial_state, causal)
     y, state = run_sequential(*xs, state, rule=rule, chunk=chunk_size)
-    y = jnp.moveaxis(y, 1, 2).astype(v.dtype)
+    y = y.astype(v.dtype)
     return (y, state) if return_state else y
 
 
