@@ -16,9 +16,11 @@ modules). An MLP of depth ``L`` computes ``h_0 = x, z_l = h_{l-1} W_l, h_l = act
 Forms:
 - :func:`titans`, the chunked parallel training form (paper Sec. 3.2): the gradients of all
   tokens of a chunk are taken at the chunk-start weights ``M_{t'}``, then momentum and decay are
-  linear recurrences inside the chunk; the state ``(M, S)`` is carried across chunks (any length:
-  a ragged last chunk is processed at its own size). This equals the sequential recurrence
-  with gradients frozen at chunk starts, and the recurrence itself for ``chunk_size=1``.
+  linear recurrences inside the chunk; the state ``(M, S)`` is carried across chunks by one
+  ``jax.lax.scan`` (any length: a ragged last chunk is zero-padded at the end, which by
+  causality changes no kept output, and the state is read at its last real token). This equals
+  the sequential recurrence with gradients frozen at chunk starts, and the recurrence itself
+  for ``chunk_size=1``.
   Each per-token gradient of layer ``l`` is an outer product ``h_{l-1,j}^T delta_{l,j}`` (layer
   input times error signal), obtained for the whole chunk from one ``jax.grad`` of the summed
   loss w.r.t. per-token pre-activation offsets (the same numbers as ``vmap(grad)`` at the
@@ -35,10 +37,12 @@ Forms:
   ``jax.grad`` of the loss at each step, optionally with gradients frozen at chunk starts.
 - :func:`init_state` / :func:`step`: one-token decoding on an explicit :class:`MemoryState`.
 
-Numerics: everything in float32. Segment decays ``prod (1 - alpha)`` and ``prod eta`` are
-cumulative products of masked factors in ``[0, 1]`` (``jnp.cumprod``): no division by a
-cumulative product (the unstable ``beta_t / beta_i`` form), no overflow, exact at ``alpha = 1``
-and ``eta = 0`` and differentiable there. ``grad_clip`` rescales each token's gradient to a
+Numerics: everything in float32. The segment decays ``D`` and ``G`` above are prefix products
+(``jax.lax.associative_scan``) of masked factors in ``[0, 1]``: no ratio of cumulative products
+(the unstable ``beta_t / beta_i`` form), no ``exp`` of differences of cumulative logs (which
+loses ``|sum log| * eps`` of relative precision and needs a clamp at ``alpha = 1``/``eta = 0``),
+no overflow (underflow goes to the right limit 0), exact and differentiable at ``alpha = 1``
+and ``eta = 0``. ``grad_clip`` rescales each token's gradient to a
 global norm (over all layers) of at most ``grad_clip``; in factored form
 ``||h^T delta||_F = ||h|| ||delta||``, so the clipped chunked form stays exact.
 
@@ -102,7 +106,7 @@ class MemoryState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """How a memory learns (static, hashable): used by Titans and by the Miras framework.
+    """How a memory learns (static configuration): used by Titans and by the Miras framework.
 
     loss(o, v, aux) -> per-token loss (feature axis last); readout(A) -> effective weights of one
     layer (``None`` = identity); aux = extra per-token data of the loss (Huber's delta).
@@ -208,11 +212,11 @@ def _initial_weights(weights, depth, expansion, key, heads, dk, dv) -> tuple[Arr
     return ws
 
 
-def _check_state(state, b, h, dk, dv, n_layers=None) -> MemoryState:
+def _check_state(state, b, h, dk, dv) -> MemoryState:
     if not isinstance(state, MemoryState):
         raise ValueError(f"initial_state/state must be a MemoryState; got {type(state).__name__}")
     ws, ms = tuple(state.weights), tuple(state.momentum)
-    if not ws or len(ms) != len(ws) or (n_layers is not None and len(ws) != n_layers):
+    if not ws or len(ms) != len(ws):
         raise ValueError(f"state must hold one weight and one momentum array per layer; got {len(ws)} "
                          f"weights, {len(ms)} momenta")
     d_in = dk
