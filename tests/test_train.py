@@ -101,7 +101,7 @@ def _overrides(data_dir: str, steps: int) -> list[str]:
 
 
 def test_sigkill_then_resume_equals_uninterrupted(data_dir, tmp_path):
-    steps = 300
+    steps = 150
     ref_cfg = tiny(data_dir, steps=steps)
     run.train(ref_cfg, tmp_path / "ref")
 
