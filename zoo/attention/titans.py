@@ -412,7 +412,7 @@ def _chunk_materialize(carry, xs, rule):
         upd = -theta[..., None, None] * jnp.einsum("bhcd,bhce->bhcde", hs[i], deltas[i])
         mom = upd if eta is None else _linear_scan(eta, upd, s0)
         if alpha is None:
-            wt = w0[:, :, None] + jnp.cumsum(mom, axis=2)
+            wt = w0[:, :, None] + jax.lax.associative_scan(jnp.add, mom, axis=2)
         else:
             wt = _linear_scan(1.0 - alpha, mom, w0)
         new_ws.append(wt[:, :, row])
