@@ -26,14 +26,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.attention._common import shape_str
-from zoo.nn.layers import axes
+from zoo.nn.layers import axis_init as _init
 from zoo.nn.positional import PositionalAttentionBlock, onehot_encodings
 
 Array = jax.Array
 
-
-def _init(init: Any, *names: str | None) -> Any:
-    return nnx.with_metadata(init, **axes(*names))
 
 
 def default_num_blocks(n: int) -> int:

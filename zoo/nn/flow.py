@@ -25,17 +25,11 @@ from flax import nnx
 import zoo.attention as za
 from zoo.attention._common import shape_str
 from zoo.nn.attention import register_mixer
-from zoo.nn.layers import axes
+from zoo.nn.layers import param as _param
 
 Array = jax.Array
 
 
-def _init(init: Any, *names: str | None) -> Any:
-    return nnx.with_metadata(init, **axes(*names))
-
-
-def _param(rngs: nnx.Rngs, init: Any, shape: tuple[int, ...], names: tuple[str | None, ...], dtype: Any) -> nnx.Param:
-    return nnx.Param(_init(init, *names)(rngs.params(), shape, dtype))
 
 
 class FlowAttentionLayer(nnx.Module):

@@ -36,15 +36,12 @@ from flax import nnx
 from zoo.attention import feature_maps as fmaps
 from zoo.attention._common import shape_str
 from zoo.nn.diagnostics import softmax_weights
-from zoo.nn.layers import axes
+from zoo.nn.layers import axis_init as _init
 
 Array = jax.Array
 VARIANTS = ("fla", "lolcats")
 _MAP = {"fla": "hedgehog", "lolcats": "hedgehog_lolcats"}
 
-
-def _init(init: Any, *names: str | None) -> Any:
-    return nnx.with_metadata(init, **axes(*names))
 
 
 class HedgehogFeatureMap(nnx.Module):

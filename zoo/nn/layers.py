@@ -71,6 +71,11 @@ def normal_init(fan_in: int, scale: float = 1.0) -> nnx.Initializer:
     return init
 
 
+def axis_init(init: nnx.Initializer, *names: str | None) -> nnx.Initializer:
+    """``init`` annotated with logical axis ``names`` (for ``kernel_init=`` of ``nnx.Linear`` etc.)."""
+    return nnx.with_metadata(init, **axes(*names))
+
+
 def param(
     rngs: nnx.Rngs, init: nnx.Initializer, shape: Sequence[int], names: Names, dtype: Any = jnp.float32,
 ) -> nnx.Param:

@@ -50,14 +50,12 @@ import zoo.attention as za
 from zoo.attention._common import shape_str
 from zoo.nn.attention import register_mixer
 from zoo.nn.diagnostics import capturing, softmax_weights
-from zoo.nn.layers import apply_rope, axes
+from zoo.nn.layers import apply_rope
+from zoo.nn.layers import axis_init as _init
 
 Array = jax.Array
 ATTENTIONS = ("softmax", "cosine")
 
-
-def _init(init: Any, *names: str | None) -> Any:
-    return nnx.with_metadata(init, **axes(*names))
 
 
 def _dense(din: int, dout: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs, *,

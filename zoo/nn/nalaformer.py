@@ -42,13 +42,11 @@ from zoo.attention import feature_maps as fmaps
 from zoo.attention._common import shape_str
 from zoo.nn.attention import register_mixer
 from zoo.nn.layers import axes
+from zoo.nn.layers import axis_init as _init
 
 Array = jax.Array
 EPS = 1e-6
 
-
-def _init(init: Any, *names: str | None) -> Any:
-    return nnx.with_metadata(init, **axes(*names))
 
 
 class NalaState(NamedTuple):

@@ -35,13 +35,10 @@ from flax import nnx
 from zoo.attention._common import shape_str
 from zoo.attention.positional import positional_apply, positional_weights
 from zoo.nn.diagnostics import capturing
-from zoo.nn.layers import axes
+from zoo.nn.layers import axis_init as _init
 
 Array = jax.Array
 
-
-def _init(init: Any, *names: str | None) -> Any:
-    return nnx.with_metadata(init, **axes(*names))
 
 
 def _dense(din: int, dout: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs,

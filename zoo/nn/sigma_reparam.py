@@ -32,15 +32,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.nn.layers import axes
+from zoo.nn.layers import axis_init as _init
 
 Array = jax.Array
 GAMMA_INITS = ("sigma", "one")
 
-
-def _init(init: Any, *names: str | None) -> Any:
-    """``init`` annotated with logical axis names (``zoo.nn.layers.axes``: eager sharding only under a
-    mesh whose rules resolve every name)."""
-    return nnx.with_metadata(init, **axes(*names))
 
 
 def _normalize(x: Array, eps: float = 1e-12) -> Array:
