@@ -81,6 +81,37 @@ def test_loss_decreases_and_eval(data_dir, tmp_path):
     assert 0.0 <= res["splits"]["test_len32"]["accuracy"] <= 1.0
 
 
+def _tb_scalars(logdir) -> dict[tuple[str, int], float]:
+    """Reads scalar summaries from tensorboardX event files (TFRecord framing, Event protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in pathlib.Path(logdir).glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                out[(v.tag, event.step)] = v.simple_value
+    return out
+
+
+def test_tensorboard_scalars_match_metrics_jsonl(data_dir, tmp_path):
+    pytest.importorskip("tensorboardX", reason="tensorboardX is optional (extra 'tensorboard')")
+    run.train(tiny(data_dir, steps=10), tmp_path / "tb")
+    scalars = _tb_scalars(tmp_path / "tb" / "tensorboard")
+    records = read_metrics(tmp_path / "tb")
+    assert records
+    for r in records:
+        for k, v in r.items():
+            if k not in ("step", "split"):
+                np.testing.assert_allclose(scalars[(f"{r['split']}/{k}", r["step"])], v, rtol=1e-6)
+
+
 def test_same_seed_same_metrics(data_dir, tmp_path):
     cfg = tiny(data_dir, steps=10)
     run.train(cfg, tmp_path / "a")

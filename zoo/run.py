@@ -125,18 +125,36 @@ def _evaluate_split(trainer, eval_step, state, source, batch_size: int, max_batc
 
 
 class _Log:
-    """Appends JSON lines to ``metrics.jsonl``; on resume drops lines past the restored step."""
+    """Appends JSON lines to ``metrics.jsonl`` (on resume, lines past the restored step are
+    dropped) and, when ``tensorboardX`` is installed, the same scalars to ``<workdir>/tensorboard``
+    (tag ``split/metric``)."""
 
     def __init__(self, path: pathlib.Path, resume_step: int):
         self.path = path
         if path.exists():
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
             path.write_text("".join(ln + "\n" for ln in kept))
+        self.tb = None
+        if jax.process_index() == 0:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, record: dict) -> None:
         if jax.process_index() == 0:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tb is not None:
+                for k, v in record.items():
+                    if k not in ("step", "split") and isinstance(v, (int, float)):
+                        self.tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 def train(config: Any, workdir: str | os.PathLike) -> dict:
@@ -205,6 +223,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict:
             ckpt.save(step, state, it.get_state(), cfg, force=True)
     finally:
         ckpt.close()
+        log.close()
         signal.signal(signal.SIGTERM, prev)
         if bar is not None:
             bar.close()
