@@ -209,12 +209,13 @@ def run(args) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str, title: str) -> None:
+def write_section(body: str, title: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces (or appends) the RESULTS.md section between the ``begin``/``end`` markers."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{BEGIN}\n## {title}\n\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        post = rest.split(END, 1)[1]
+    section = f"{begin}\n## {title}\n\n{body}\n{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        post = rest.split(end, 1)[1]
         text = pre + section + post
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"

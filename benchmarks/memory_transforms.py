@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from attention import median_time, temp_bytes  # noqa: E402 (benchmarks/attention.py helpers)
+from attention import median_time, temp_bytes, write_section  # noqa: E402 (benchmarks/attention.py helpers)
 
 import zoo.attention as za  # noqa: E402
 
@@ -206,17 +206,6 @@ def run_presets(args, h, d):
     return out
 
 
-def write_section(body: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{BEGIN}\n## {TITLE}\n\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        text = pre + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="T=1024/2048, C=16/64, 1 rep, no presets, print only")
@@ -238,7 +227,7 @@ def main(argv=None) -> None:
     body, ok = run(args)
     print("\n" + body + f"\n\n(total {time.perf_counter() - t0:.0f} s; criteria {'met' if ok else 'NOT met'})")
     if not args.no_write:
-        write_section(body)
+        write_section(body, TITLE, BEGIN, END)
         print(f"\nwrote {RESULTS}")
 
 

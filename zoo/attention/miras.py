@@ -137,7 +137,10 @@ def kl_readout(a: Array, *, scale: float = 1.0) -> Array:
     return scale * jax.nn.softmax(a, axis=-2)
 
 
-def _rule(bias, retention, *, p, q_order, kl_scale, eps, activation, residual, grad_clip) -> Rule:
+def make_rule(bias, retention, *, p, q_order, kl_scale, eps, activation, residual, grad_clip) -> Rule:
+    """The memory :class:`Rule` of a Miras choice: attentional-bias loss ``l(o, v)`` and, for the
+    ``lq`` / ``kl`` retentions, the read-out ``R(A)`` of the parameters (public: the NNX memory
+    layers build their rule with it)."""
     loss: Callable[..., Array] = {
         "dot": dot_loss, "l2": l2_loss, "lp": functools.partial(lp_loss, p=p), "huber": huber_loss,
     }[bias]
@@ -149,7 +152,8 @@ def _rule(bias, retention, *, p, q_order, kl_scale, eps, activation, residual, g
     return Rule(loss, activation=activation, residual=residual, readout=readout, grad_clip=grad_clip)
 
 
-def _check_choices(bias, retention, algorithm, *, p, q_order, kl_scale, eps, eta, alpha, delta):
+def check_choices(bias, retention, algorithm, *, p, q_order, kl_scale, eps, eta, alpha, delta):
+    """Validates a Miras choice; ValueError naming the argument (shared with ``zoo.nn.MirasMemory``)."""
     check_choice("bias", bias, BIASES)
     check_choice("retention", retention, RETENTIONS)
     check_choice("algorithm", algorithm, ALGORITHMS)
@@ -175,7 +179,7 @@ def memory_weights(
     a list of ``[..., d_in, d_out]`` arrays) under ``retention``."""
     check_choice("retention", retention, RETENTIONS)
     ws = weights.weights if isinstance(weights, MemoryState) else weights
-    rule = _rule("l2", retention, p=2.0, q_order=q_order, kl_scale=kl_scale, eps=eps,
+    rule = make_rule("l2", retention, p=2.0, q_order=q_order, kl_scale=kl_scale, eps=eps,
                  activation="identity", residual=False, grad_clip=None)
     return rule.read([jnp.asarray(w, jnp.float32) for w in ws])
 
@@ -185,7 +189,7 @@ def memory_weights(
 
 def _setup(q, k, v, *, bias, retention, algorithm, theta, eta, alpha, delta, p, q_order, kl_scale,
            eps, weights, depth, expansion, key, activation, residual, grad_clip, initial_state, causal):
-    _check_choices(bias, retention, algorithm, p=p, q_order=q_order, kl_scale=kl_scale, eps=eps,
+    check_choices(bias, retention, algorithm, p=p, q_order=q_order, kl_scale=kl_scale, eps=eps,
                    eta=eta, alpha=alpha, delta=delta)
     qf, kf, vf = prepare(q, k, v, causal)
     b, t, h, dk = kf.shape
@@ -197,7 +201,7 @@ def _setup(q, k, v, *, bias, retention, algorithm, theta, eta, alpha, delta, p, 
                                                     b, t, h)
     dl = gate("delta", DEFAULT_DELTA if delta is None else delta, b, t, h) if bias == "huber" else None
     state = start_state(initial_state, weights, depth, expansion, key, b, h, dk, dv)
-    rule = _rule(bias, retention, p=p, q_order=q_order, kl_scale=kl_scale, eps=eps,
+    rule = make_rule(bias, retention, p=p, q_order=q_order, kl_scale=kl_scale, eps=eps,
                  activation=activation, residual=residual, grad_clip=grad_clip)
     return (qf, kf, vf, th, et, al, dl), state, rule
 
@@ -313,7 +317,7 @@ def step(
     ``v_t [batch, kv_heads, value_dim]``; gates scalars, ``[heads]`` or ``[batch, heads]``.
     Returns ``(y_t [batch, heads, value_dim] in v_t.dtype, new_state)``.
     """
-    _check_choices(bias, retention, algorithm, p=p, q_order=q_order, kl_scale=kl_scale, eps=eps,
+    check_choices(bias, retention, algorithm, p=p, q_order=q_order, kl_scale=kl_scale, eps=eps,
                    eta=eta, alpha=alpha, delta=delta)
     state, q, k, v, b, h = step_inputs(state, q_t, k_t, v_t)
     check_options(activation=activation, residual=residual, grad_clip=grad_clip, dk=k.shape[-1],
@@ -323,7 +327,7 @@ def step(
     al = None if retention == "none" else step_gate(
         "alpha", DEFAULT_ALPHA if alpha is None else alpha, b, h)
     dl = step_gate("delta", DEFAULT_DELTA if delta is None else delta, b, h) if bias == "huber" else None
-    rule = _rule(bias, retention, p=p, q_order=q_order, kl_scale=kl_scale, eps=eps,
+    rule = make_rule(bias, retention, p=p, q_order=q_order, kl_scale=kl_scale, eps=eps,
                  activation=activation, residual=residual, grad_clip=grad_clip)
     y, state = run_step(state, q, k, v, th, et, al, dl, rule)
     return y.astype(v_t.dtype), state
