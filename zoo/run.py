@@ -187,7 +187,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict:
 
         bar = tqdm(total=tcfg["steps"], initial=start, desc=workdir.name, dynamic_ncols=True)
     last: dict = {}
-    acc: dict[str, float] = {}
+    pending: list = []
     tokens = nsteps = 0
     t0 = time.perf_counter()
     step = start
@@ -198,9 +198,12 @@ def train(config: Any, workdir: str | os.PathLike) -> dict:
             step += 1
             nsteps += 1
             tokens += int(np.prod(batch["inputs"].shape[:2]))
-            for k, v in jax.device_get(m).items():
-                acc[k] = acc.get(k, 0.0) + float(v)
+            pending.append(m)  # fetched at log time only: no host sync per step
             if step % tcfg["log_every"] == 0 or step == tcfg["steps"]:
+                acc: dict[str, float] = {}
+                for mm in jax.device_get(pending):
+                    for k, v in mm.items():
+                        acc[k] = acc.get(k, 0.0) + float(v)
                 dt = time.perf_counter() - t0
                 rec = {"step": step, "split": "train", **train_lib.summarize(acc),
                        "grad_norm": acc["grad_norm"] / nsteps, "tokens_per_s": tokens / dt}
@@ -209,7 +212,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict:
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec.get('accuracy', float('nan')):.3f}",
                                     tok_s=f"{rec['tokens_per_s']:.0f}")
-                acc, tokens, nsteps, t0 = {}, 0, 0, time.perf_counter()
+                pending, tokens, nsteps, t0 = [], 0, 0, time.perf_counter()
             if step % tcfg["eval_every"] == 0 or step == tcfg["steps"]:
                 ev = _evaluate_split(trainer, eval_step, state, sources["test"], cfg["eval"]["batch_size"],
                                      tcfg["eval_batches"])
