@@ -5,7 +5,9 @@ k/v may have fewer heads than q (grouped-query attention). Every function is saf
 ``jax.jit``, ``jax.vmap`` and ``jax.grad``. See ``names()`` for the registered mechanisms.
 """
 
-from zoo.attention import feature_maps
+import functools
+
+from zoo.attention import common, feature_maps
 from zoo.attention.aaren import AarenState, aaren, aaren_naive
 from zoo.attention.aaren import init_state as aaren_init_state
 from zoo.attention.aaren import step as aaren_step
@@ -32,40 +34,64 @@ from zoo.attention.positional import (
     positional_qk,
     positional_weights,
 )
-from zoo.attention.registry import Transform, get, names, register
+from zoo.attention.registry import (
+    Implementation,
+    Transform,
+    get,
+    implementations,
+    names,
+    recurrent_prefill,
+    register,
+    register_impl,
+    resolve,
+    set_preference,
+)
 from zoo.attention.softmax import (
     KVCache,
     init_cache,
-    prefill,
     sigmoid,
+    sigmoid_naive,
     sliding_window,
     softmax,
     softmax_naive,
     softplus,
+    softplus_naive,
 )
+from zoo.attention.softmax import init_state as softmax_init_state
+from zoo.attention.softmax import prefill as softmax_prefill
 from zoo.attention.softmax import step as softmax_step
 from zoo.attention.titans import MemoryState, titans, titans_naive
 from zoo.attention.titans import init_state as memory_init_state
 from zoo.attention.titans import step as titans_step
 
+_kv = dict(init_state_fn=softmax_init_state, prefill_fn=softmax_prefill, cache="kv")
 register(Transform(
-    "softmax", softmax, reference=softmax_naive, init_state=init_cache, step=softmax_step,
+    "softmax", softmax, softmax_naive, step_fn=softmax_step, parallel_only={"bias"}, **_kv,
     description="scaled dot-product softmax attention (sinks, window, log-n scaling options)",
 ))
 register(Transform(
-    "sliding_window", sliding_window, init_state=init_cache, step=softmax_step,
-    causal_only=True, description="causal sliding-window softmax attention (needs window=...)",
+    "sliding_window", sliding_window, softmax_naive, step_fn=softmax_step, parallel_only={"bias"},
+    causal_only=True, defaults={"window": 256}, **_kv,
+    description="causal sliding-window softmax attention (window=256 by default)",
 ))
 register(Transform(
-    "sigmoid", sigmoid, init_state=init_cache,
-    step=lambda *a, **kw: softmax_step(*a, variant="sigmoid", **kw),
+    "sigmoid", sigmoid, sigmoid_naive, init_state_fn=softmax_init_state,
+    prefill_fn=functools.partial(softmax_prefill, variant="sigmoid"),
+    step_fn=functools.partial(softmax_step, variant="sigmoid"), cache="kv", step_exact={"bias"},
     description="sigmoid attention, bias -log n, no normalisation",
 ))
 register(Transform(
-    "softplus", softplus, init_state=init_cache,
-    step=lambda *a, **kw: softmax_step(*a, variant="softplus", **kw),
+    "softplus", softplus, softplus_naive, init_state_fn=softmax_init_state,
+    prefill_fn=functools.partial(softmax_prefill, variant="softplus"),
+    step_fn=functools.partial(softmax_step, variant="softplus"), cache="kv",
     description="length-scaled softplus attention (LSSA; reweight=True for LSSAR)",
 ))
+register(Transform(
+    "positional", positional, positional_naive, step_fn=softmax_step, **_kv,
+    description="positional attention: weights from positional q/k only, values from the input",
+))
+_recurrent = dict(init_state_fn=linear_init_state, prefill_fn=recurrent_prefill(linear),
+                  step_fn=linear_step, cache="recurrent", parallel_only={"chunk_size"})
 for _name, _fm, _desc in (
     ("linear", "elu", "linear attention, elu+1 feature map (Katharopoulos et al.)"),
     ("based", "taylor", "linear attention with BASED's 2nd-order Taylor feature map"),
@@ -73,29 +99,29 @@ for _name, _fm, _desc in (
     ("nalaformer", "nalaformer", "NaLaFormer norm-aware linear attention (mean normaliser)"),
 ):
     register(Transform(
-        _name, linear, reference=linear_naive, init_state=linear_init_state, step=linear_step,
+        _name, linear, linear_naive, **_recurrent,
         defaults={"feature_map": _fm, **({"normalize": "mean"} if _fm == "nalaformer" else {})},
         description=_desc,
     ))
 register(Transform(
-    "aaren", aaren, reference=aaren_naive, init_state=aaren_init_state, step=aaren_step,
-    causal_only=True, description="Aaren: attention as an RNN, prefix-scan softmax (learned query)",
+    "aaren", aaren, aaren_naive, init_state_fn=aaren_init_state, prefill_fn=recurrent_prefill(aaren),
+    step_fn=aaren_step, cache="recurrent", causal_only=True,
+    description="Aaren: attention as an RNN, prefix-scan softmax (learned query)",
 ))
 register(Transform(
-    "flow", flow, reference=flow_naive, init_state=flow_init_state, step=flow_step,
+    "flow", flow, flow_naive, init_state_fn=flow_init_state, prefill_fn=recurrent_prefill(flow),
+    step_fn=flow_step, cache="recurrent", parallel_only={"chunk_size"},
     description="Flow-Attention (Flowformer): sigmoid linear attention with flow conservation",
 ))
+_memory = dict(init_state_fn=memory_init_state, cache="recurrent", causal_only=True, linear_in_v=False,
+               parallel_only={"form"})
 register(Transform(
-    "positional", positional, reference=positional_naive, init_state=init_cache, step=softmax_step,
-    description="positional attention: weights from positional q/k only, values from the input",
+    "titans", titans, titans_naive, prefill_fn=recurrent_prefill(titans), step_fn=titans_step, **_memory,
+    description="Titans neural memory: test-time GD + momentum + decay (chunked)",
 ))
 register(Transform(
-    "titans", titans, reference=titans_naive, init_state=memory_init_state, step=titans_step,
-    causal_only=True, description="Titans neural memory: test-time GD + momentum + decay (chunked)",
-))
-register(Transform(
-    "miras", miras, reference=miras_naive, init_state=memory_init_state, step=miras_step,
-    causal_only=True, description="Miras memory: choose bias, retention, algorithm, architecture",
+    "miras", miras, miras_naive, prefill_fn=recurrent_prefill(miras), step_fn=miras_step, **_memory,
+    description="Miras memory: choose bias, retention, algorithm, architecture",
 ))
 for _name, _desc in (
     ("moneta", "Moneta (Miras): lp attentional bias, lq retention"),
@@ -103,9 +129,8 @@ for _name, _desc in (
     ("memora", "Memora (Miras): l2 attentional bias, KL retention (simplex weights)"),
 ):
     register(Transform(
-        _name, miras, reference=miras_preset(miras_naive, _name), init_state=memory_init_state,
-        step=miras_preset(miras_step, _name), defaults=dict(MIRAS_PRESETS[_name]), causal_only=True,
-        description=_desc,
+        _name, miras, miras_naive, prefill_fn=recurrent_prefill(miras), step_fn=miras_step,
+        defaults=dict(MIRAS_PRESETS[_name]), description=_desc, **_memory,
     ))
 
 __all__ = [
@@ -113,9 +138,11 @@ __all__ = [
     "FlowState", "flow", "flow_init_state", "flow_naive", "flow_step",
     "identity_encoding", "positional", "positional_apply", "positional_naive", "positional_qk",
     "positional_weights",
-    "KVCache", "LinearState", "Transform", "alibi_slopes", "feature_maps", "get", "init_cache",
-    "linear", "linear_init_state", "linear_naive", "linear_step", "names", "prefill", "register",
-    "sigmoid", "sliding_window", "softmax", "softmax_naive", "softmax_step", "softplus",
+    "Implementation", "KVCache", "LinearState", "Transform", "alibi_slopes", "common", "feature_maps", "get",
+    "implementations", "init_cache", "linear", "linear_init_state", "linear_naive", "linear_step", "names",
+    "recurrent_prefill", "register", "register_impl", "resolve", "set_preference",
+    "sigmoid", "sigmoid_naive", "sliding_window", "softmax", "softmax_init_state", "softmax_naive",
+    "softmax_prefill", "softmax_step", "softplus", "softplus_naive",
     "MemoryState", "memora", "memory_init_state", "miras", "miras_naive", "miras_step", "moneta",
     "titans", "titans_naive", "titans_step", "yaad",
 ]

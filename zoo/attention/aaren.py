@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from zoo.attention._common import check_choice, check_qkv, check_rank, repeat_kv, shape_str
+from zoo.attention.common import check_choice, check_qkv, check_rank, repeat_kv, shape_str
 
 Array = jax.Array
 IMPLS = ("associative", "sequential")

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from zoo.attention._common import shape_str
+from zoo.attention.common import shape_str
 
 Array = jax.Array
 MapFn = Callable[[Array, Any], Array]

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from zoo.attention._common import check_positive_int, check_qkv, repeat_kv, shape_str
+from zoo.attention.common import check_positive_int, check_qkv, repeat_kv, shape_str
 from zoo.attention.linear import LinearState
 from zoo.attention.linear import linear as _linear
 

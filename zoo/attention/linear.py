@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.attention import feature_maps as fmaps
-from zoo.attention._common import (
+from zoo.attention.common import (
     check_choice,
     check_positive_int,
     check_qkv,

@@ -54,7 +54,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from zoo.attention._common import check_choice, check_positive_int
+from zoo.attention.common import check_choice, check_positive_int
 from zoo.attention.titans import (
     DEFAULT_ALPHA,
     DEFAULT_CHUNK,

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from zoo.attention._common import causal_mask, check_positive_int, check_rank, repeat_kv, shape_str
+from zoo.attention.common import causal_mask, check_positive_int, check_rank, repeat_kv, shape_str
 
 Array = jax.Array
 

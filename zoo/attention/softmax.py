@@ -31,12 +31,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from zoo.attention._common import (
+from zoo.attention.common import (
+    as_int,
     broadcast_mask,
+    broadcast_to_shape,
     causal_mask,
     check_choice,
     check_positive_int,
     check_qkv,
+    check_token,
     per_head,
     shape_str,
 )
@@ -139,10 +142,10 @@ def _parallel(
     q, k, v, *, variant, causal, mask, scale, window, bias=None, sink_logit=None,
     logn_train_length=None, softplus_opts=None,
 ):
-    b, tq, h, d = q.shape
     check_qkv(q, k, v, causal=causal)
-    check_positive_int("window", window)
-    check_positive_int("logn_train_length", logn_train_length)
+    b, tq, h, d = q.shape
+    window = as_int("window", window)
+    logn_train_length = as_int("logn_train_length", logn_train_length)
     if logn_train_length == 1:
         raise ValueError("logn_train_length must be >= 2 (log 1 = 0)")
     tk = k.shape[1]
@@ -157,6 +160,8 @@ def _parallel(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if sink_logit is not None:
         sink_logit = per_head("sink_logit", sink_logit, h)
+    if bias is not None and variant == "softmax":
+        bias = broadcast_to_shape("bias", bias, (b, h, tq, tk), "[batch, heads, q_length, k_length]")
     return _attend(
         q, k, v, vis, variant=variant, scale=scale, bias=bias, sink_logit=sink_logit,
         logn_train_length=logn_train_length, softplus_opts=softplus_opts,
@@ -202,19 +207,76 @@ def softmax(
     )
 
 
-def softmax_naive(
-    q: Array, k: Array, v: Array, *, causal: bool = False, scale: float | None = None,
-    window: int | None = None,
-) -> Array:
-    """Reference: ``jax.nn.softmax`` over explicitly masked logits with k/v heads repeated."""
+def _naive_logits_and_mask(q, k, v, *, causal, mask, scale, window):
+    """Reference helper: k/v heads repeated, ``[B, H, Tq, Tk]`` float32 logits and visibility."""
     check_qkv(q, k, v, causal=causal)
     h, hk = q.shape[2], k.shape[2]
     k, v = jnp.repeat(k, h // hk, axis=2), jnp.repeat(v, h // hk, axis=2)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    lg = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    f32 = lambda x: x.astype(jnp.float32)
+    lg = jnp.einsum("bqhd,bkhd->bhqk", f32(q), f32(k)) * scale
+    vis = jnp.ones(lg.shape, bool)
     if causal:
-        lg = jnp.where(causal_mask(q.shape[1], k.shape[1], window), lg, -jnp.inf)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(lg, axis=-1), v)
+        vis = vis & causal_mask(q.shape[1], k.shape[1], window)
+    if mask is not None:
+        vis = vis & jnp.asarray(mask, bool)
+    return lg, vis, f32(v)
+
+
+def softmax_naive(
+    q: Array, k: Array, v: Array, *, causal: bool = False, mask: Array | None = None,
+    scale: float | None = None, window: int | None = None, bias: Array | None = None,
+    sink_logit: Array | None = None, logn_train_length: int | None = None,
+) -> Array:
+    """Reference: ``jax.nn.softmax`` over explicitly masked logits with k/v heads repeated; the
+    sink is an extra logit column dropped after the softmax; log-n scaling from the row counts."""
+    lg, vis, v = _naive_logits_and_mask(q, k, v, causal=causal, mask=mask, scale=scale, window=window)
+    if logn_train_length is not None:
+        n = jnp.sum(vis, axis=-1, keepdims=True)
+        lg = lg * jnp.maximum(1.0, jnp.log(jnp.maximum(n, 1)) / math.log(logn_train_length))
+    if bias is not None:
+        lg = lg + bias
+    lg = jnp.where(vis, lg, -jnp.inf)
+    if sink_logit is not None:
+        sink = jnp.broadcast_to(jnp.asarray(sink_logit, jnp.float32)[None, :, None, None], lg.shape[:3] + (1,))
+        lg = jnp.concatenate([lg, sink], axis=-1)
+    w = jax.nn.softmax(lg, axis=-1)
+    w = jnp.where(jnp.isnan(w), 0.0, w)[..., : vis.shape[-1]]  # rows that see nothing -> 0
+    return jnp.einsum("bhqk,bkhd->bqhd", w, v).astype(v.dtype)
+
+
+def sigmoid_naive(
+    q: Array, k: Array, v: Array, *, causal: bool = False, mask: Array | None = None,
+    scale: float | None = None, bias: float | None = None, window: int | None = None,
+) -> Array:
+    """Reference: ``sum_j [visible] sigmoid(l_ij + b) v_j`` with ``b = -log(k_length)`` by default."""
+    lg, vis, v = _naive_logits_and_mask(q, k, v, causal=causal, mask=mask, scale=scale, window=window)
+    b = -math.log(k.shape[1]) if bias is None else bias
+    w = jnp.where(vis, jax.nn.sigmoid(lg + b), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", w, v).astype(v.dtype)
+
+
+def softplus_naive(
+    q: Array, k: Array, v: Array, *, causal: bool = False, mask: Array | None = None,
+    window: int | None = None, reweight: bool = False, power: float = 15.0, delta: float = 1.0,
+    eps: float = 1e-8,
+) -> Array:
+    """Reference: LSSA / LSSAR written directly (``relu(n a - delta)^p`` without the log-domain
+    shift, then divided by the row max; exact while it does not overflow, i.e. at test sizes)."""
+    d = q.shape[-1]
+    nq = q / jnp.maximum(jnp.linalg.norm(q.astype(jnp.float32), axis=-1, keepdims=True), 1e-12)
+    nk = k / jnp.maximum(jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True), 1e-12)
+    lg, vis, v = _naive_logits_and_mask(nq, nk, v, causal=causal, mask=mask, scale=1.0, window=window)
+    n = jnp.sum(vis, axis=-1, keepdims=True).astype(jnp.float32)
+    a = jnp.where(vis, jax.nn.softplus(lg * math.log(d) * jnp.log(jnp.maximum(n, 1.0))), 0.0)
+    a = a / (jnp.sum(a, axis=-1, keepdims=True) + eps)
+    if reweight:
+        dl = jnp.where(jnp.arange(q.shape[1]) < 3, 0.0, delta)[None, None, :, None]
+        w = jnp.where(vis, jnp.maximum(n * a - dl, 0.0) ** power, 0.0)
+        mx = jnp.max(w, axis=-1, keepdims=True)
+        w = w / jnp.where(mx > 0, mx, 1.0)  # the documented convention: eps after the max shift
+        a = w / (jnp.sum(w, axis=-1, keepdims=True) + eps)
+    return jnp.einsum("bhqk,bkhd->bqhd", a, v).astype(v.dtype)
 
 
 def sigmoid(
@@ -232,7 +294,8 @@ def sigmoid(
     trained at another length. Shapes as :func:`softmax`. Paper: Ramapuram et al. 2024
     (arXiv 2409.04431).
     """
-    b_ = -math.log(k.shape[1]) if bias is None and getattr(k, "ndim", 0) == 4 else bias
+    check_qkv(q, k, v, causal=causal)
+    b_ = -math.log(k.shape[1]) if bias is None else bias
     return _parallel(
         q, k, v, variant="sigmoid", causal=causal, mask=mask, scale=scale, window=window, bias=b_,
     )
@@ -240,7 +303,7 @@ def sigmoid(
 
 def softplus(
     q: Array, k: Array, v: Array, *,
-    causal: bool = True,
+    causal: bool = False,
     mask: Array | None = None,
     window: int | None = None,
     reweight: bool = False,
@@ -277,11 +340,17 @@ def softplus(
     )
 
 
-def sliding_window(q: Array, k: Array, v: Array, *, window: int, causal: bool = True, **kw) -> Array:
-    """Causal sliding-window softmax attention: query i sees keys ``i - window < j <= i``."""
-    if not causal:
-        raise ValueError("sliding_window attention is causal; got causal=False")
-    return softmax(q, k, v, causal=True, window=window, **kw)
+def sliding_window(
+    q: Array, k: Array, v: Array, *, causal: bool = False, window: int, mask: Array | None = None,
+    scale: float | None = None, bias: Array | None = None, sink_logit: Array | None = None,
+    logn_train_length: int | None = None,
+) -> Array:
+    """Causal sliding-window softmax attention: query i sees keys ``i - window < j <= i``
+    (causal only: pass ``causal=True``). Options as :func:`softmax`."""
+    if causal is not True:
+        raise ValueError(f"sliding_window attention is causal only: pass causal=True; got causal={causal!r}")
+    return softmax(q, k, v, causal=True, window=window, mask=mask, scale=scale, bias=bias,
+                   sink_logit=sink_logit, logn_train_length=logn_train_length)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -316,25 +385,52 @@ def init_cache(
     )
 
 
+def init_state(
+    batch: int, heads: int, head_dim: int, value_dim: int | None = None, *,
+    kv_heads: int | None = None, max_len: int | None = None, dtype: Any = None,
+    window: int | None = None,
+) -> KVCache:
+    """The decoding state of the softmax family (the registry's uniform ``init_state``): an empty
+    :class:`KVCache` of ``max_len`` slots for ``kv_heads`` heads, or ``min(max_len, window)`` slots
+    (a ring buffer) with a sliding ``window``; ``dtype`` defaults to float32."""
+    max_len = as_int("max_len", max_len, allow_none=False) if max_len is not None else None
+    if max_len is None:
+        raise ValueError("max_len: a KV cache needs max_len (the number of tokens it holds); got None")
+    window = as_int("window", window)
+    cap = max_len if window is None else min(max_len, window)
+    return init_cache(batch, heads if kv_heads is None else kv_heads, head_dim, cap, value_dim,
+                      jnp.float32 if dtype is None else dtype)
+
+
 def _slot(t: Array, capacity: int, num_sink_tokens: int) -> Array:
     """Slot of absolute position ``t``: sinks keep slots ``0..ns-1``, the rest is a ring."""
     ring = capacity - num_sink_tokens
     return jnp.where(t < capacity, t, num_sink_tokens + (t - num_sink_tokens) % ring)
 
 
-def _check_sinks(num_sink_tokens: int, capacity: int) -> None:
-    if not isinstance(num_sink_tokens, int) or not 0 <= num_sink_tokens < capacity:
+def _check_sinks(num_sink_tokens: Any, capacity: int) -> int:
+    ns = as_int("num_sink_tokens", num_sink_tokens, minimum=0, allow_none=False)
+    if ns >= capacity:
         raise ValueError(f"num_sink_tokens must be an int in [0, capacity={capacity}); got {num_sink_tokens!r}")
+    return ns
 
 
-def prefill(cache: KVCache, k: Array, v: Array, *, num_sink_tokens: int = 0) -> KVCache:
-    """Writes a prompt ``k [batch, T, kv_heads, head_dim]``, ``v [batch, T, kv_heads, value_dim]``
-    into the cache, as ``T`` calls of :func:`step` would (tokens that a later one would evict are
-    never written)."""
+def _check_cache(cache: Any) -> None:
+    if not isinstance(cache, KVCache):
+        raise ValueError(f"state must be a KVCache (from init_state / init_cache); got {type(cache).__name__}")
+
+
+def write(cache: KVCache, k: Array, v: Array, *, num_sink_tokens: int = 0) -> KVCache:
+    """Writes ``k [batch, T, kv_heads, head_dim]``, ``v [batch, T, kv_heads, value_dim]`` into the
+    cache (no attention), as ``T`` calls of :func:`step` would: tokens that a later one evicts are
+    never written."""
+    _check_cache(cache)
     cap = cache.pos.shape[0]
-    _check_sinks(num_sink_tokens, cap)
+    num_sink_tokens = _check_sinks(num_sink_tokens, cap)
     if k.ndim != 4 or k.shape[0] != cache.k.shape[0] or k.shape[2:] != cache.k.shape[2:]:
-        raise ValueError(f"k must be [batch, length, {cache.k.shape[2]}, {cache.k.shape[3]}]; got {shape_str(k)}")
+        raise ValueError(
+            f"k must be [batch={cache.k.shape[0]}, length, {cache.k.shape[2]}, {cache.k.shape[3]}]; got {shape_str(k)}"
+        )
     if v.shape[:2] != k.shape[:2] or v.shape[2:] != cache.v.shape[2:]:
         raise ValueError(
             f"v must be [{k.shape[0]}, {k.shape[1]}, {cache.v.shape[2]}, {cache.v.shape[3]}]; got {shape_str(v)}"
@@ -351,8 +447,8 @@ def prefill(cache: KVCache, k: Array, v: Array, *, num_sink_tokens: int = 0) -> 
     )
 
 
-def step(
-    cache: KVCache, q_t: Array, k_t: Array, v_t: Array, *,
+def prefill(
+    cache: KVCache, q: Array, k: Array, v: Array, *,
     variant: str = "softmax",
     num_sink_tokens: int = 0,
     scale: float | None = None,
@@ -365,41 +461,58 @@ def step(
     delta: float = 1.0,
     eps: float = 1e-8,
 ) -> tuple[Array, KVCache]:
-    """One decoding step: write ``(k_t, v_t)`` at position ``cache.length``, then attend.
+    """A prompt in one parallel call on the cache: ``q [batch, T, heads, head_dim]``, ``k, v
+    [batch, T, kv_heads, dim]`` at positions ``cache.length ..``; returns ``(y [batch, T, heads,
+    value_dim], cache)``, equal to ``T`` calls of :func:`step`.
 
-    ``q_t [batch, heads, head_dim]``, ``k_t [batch, kv_heads, head_dim]``,
-    ``v_t [batch, kv_heads, value_dim]``; ``variant`` is ``"softmax" | "sigmoid" | "softplus"``
-    with the same options as the parallel functions (for sigmoid, ``bias`` defaults to
-    ``-log(capacity)``; pass ``-log(T)`` to reproduce a parallel call over ``T`` keys). Returns
-    ``(y_t [batch, heads, value_dim], cache)``. While ``length <= capacity`` (and no window) this
-    equals the causal parallel form at that position.
+    Query ``t`` attends over the cached tokens and the prompt's tokens ``<= t`` that the cache
+    would still hold at step ``t``: all while ``t < capacity``, afterwards the first
+    ``num_sink_tokens`` and the last ``capacity - num_sink_tokens`` (StreamingLLM), and only
+    those inside ``window``. New k/v are cast to the cache dtype first (as :func:`step` stores
+    them). ``variant`` is ``"softmax" | "sigmoid" | "softplus"`` with the parallel functions'
+    options; sigmoid's ``bias`` defaults to ``-log(capacity)`` (pass ``-log(T)`` to match a
+    parallel call over ``T`` keys).
     """
     check_choice("variant", variant, VARIANTS)
-    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
-        if getattr(x, "ndim", None) != 3:
-            raise ValueError(f"{name} must be [batch, heads, head_dim] (one token); got {shape_str(x)}")
-    cache = prefill(cache, k_t[:, None], v_t[:, None], num_sink_tokens=num_sink_tokens)
-    t = cache.length - 1
-    b, h, d = q_t.shape
-    vis = cache.pos >= 0
-    if window is not None:
-        check_positive_int("window", window)
-        vis = vis & (cache.pos > t - window)
+    _check_cache(cache)
+    check_qkv(q, k, v, causal=True)
     cap = cache.pos.shape[0]
-    vis = jnp.broadcast_to(vis[None, None, None, :], (b, h, 1, cap))
+    ns = _check_sinks(num_sink_tokens, cap)
+    window = as_int("window", window)
+    new = write(cache, k, v, num_sink_tokens=ns)
+    b, t, h, d = q.shape
+    keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
+    vals = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+    qpos = cache.length + jnp.arange(t, dtype=jnp.int32)  # [T]
+    kpos = jnp.concatenate([cache.pos, qpos])  # [cap + T], -1 = empty slot
+    qi, kj = qpos[:, None], kpos[None, :]
+    vis = (kj >= 0) & (kj <= qi) & ((qi < cap) | (kj < ns) | (kj > qi - (cap - ns)))
+    if window is not None:
+        vis = vis & (kj > qi - window)
+    vis = jnp.broadcast_to(vis[None, None], (b, h, t, cap + t))
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if sink_logit is not None:
         sink_logit = per_head("sink_logit", sink_logit, h)
     opts = None
     if variant == "softplus":
+        if not power > 0:
+            raise ValueError(f"power must be > 0; got {power!r}")
         opts = {"reweight": reweight, "power": float(power), "eps": float(eps),
-                "delta": jnp.where(t < 3, 0.0, float(delta))}
+                "delta": jnp.where(qpos < 3, 0.0, float(delta))[None, None, :, None]}
     if variant == "sigmoid" and bias is None:
         bias = -math.log(cap)
-    check_qkv(q_t[:, None], cache.k, cache.v)
     y = _attend(
-        q_t[:, None], cache.k, cache.v, vis, variant=variant, scale=scale, bias=bias,
-        sink_logit=sink_logit, logn_train_length=logn_train_length, softplus_opts=opts,
+        q, keys, vals, vis, variant=variant, scale=scale, bias=bias, sink_logit=sink_logit,
+        logn_train_length=logn_train_length, softplus_opts=opts,
     )
-    return y[:, 0], cache
+    return y, new
 
+
+def step(cache: KVCache, q_t: Array, k_t: Array, v_t: Array, **options: Any) -> tuple[Array, KVCache]:
+    """One decoding step: :func:`prefill` of one token ``q_t [batch, heads, head_dim]``,
+    ``k_t [batch, kv_heads, head_dim]``, ``v_t [batch, kv_heads, value_dim]`` (same options);
+    returns ``(y_t [batch, heads, value_dim], cache)``. While ``length <= capacity`` (and no
+    window) this equals the causal parallel form at that position."""
+    check_token(q_t, k_t, v_t)
+    y, cache = prefill(cache, q_t[:, None], k_t[:, None], v_t[:, None], **options)
+    return y[:, 0], cache

@@ -63,7 +63,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from zoo.attention._common import (
+from zoo.attention.common import (
     check_choice,
     check_positive_int,
     check_qkv,

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo.attention._common import shape_str
+from zoo.attention.common import shape_str
 from zoo.nn.aaren import AarenLayer
 from zoo.nn.layers import MLP, Embed, RMSNorm, axes
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo.attention._common import shape_str
+from zoo.attention.common import shape_str
 from zoo.nn.layers import axis_init as _init
 from zoo.nn.positional import PositionalAttentionBlock, onehot_encodings
 

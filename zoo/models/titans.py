@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import zoo.attention as za
-from zoo.attention._common import causal_mask, shape_str
+from zoo.attention.common import causal_mask, shape_str
 from zoo.models.lm import DecoderLM
 from zoo.nn.attention import register_mixer
 from zoo.nn.layers import RMSNorm, apply_rope, cast, normal_init, param

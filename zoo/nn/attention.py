@@ -261,9 +261,7 @@ class MultiHeadAttention(nnx.Module):
         if self.sink:
             opts["sink_logit"] = self.sink_logit[...].astype(jnp.float32)
         if for_step:
-            step = self.transform.step
-            names, var = _params_of(step)
-            opts = {k: v for k, v in opts.items() if k not in _PARALLEL_ONLY and (var or k in names)}
+            opts = self.transform.step_options(opts)
         return opts
 
     def _project(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
@@ -334,29 +332,19 @@ class MultiHeadAttention(nnx.Module):
         with the options its signature names (``feature_map``, ``feature_map_params``, ...).
         """
         t = self.transform
-        if t.init_state is None or t.step is None:
-            raise ValueError(f"transform {t.name!r} has no decoding form (init_state/step)")
-        names, _ = _params_of(t.init_state)
-        if "capacity" in names:
-            window = dict(self._static_options).get("window")
-            cap = max_len if window is None else min(max_len, int(window))
-            dt = dtype or self.dtype or jnp.float32
-            return t.init_state(batch, self.num_kv_heads, self.head_dim, cap, self.head_dim, dtype=dt)
-        opts = self.options()
-        kw = {k: v for k, v in opts.items() if k in names and k not in ("batch", "heads", "head_dim", "value_dim")}
-        return t.init_state(batch, self.num_heads, self.head_dim, self.head_dim, **kw)
+        dt = dtype or self.dtype or jnp.float32
+        return t.init_state(batch, self.num_heads, self.head_dim, self.head_dim, kv_heads=self.num_kv_heads,
+                            max_len=max_len, dtype=dt, **self.options())
 
     def decode_step(self, x_t: Array, state: Any, position: Array | int) -> tuple[Array, Any]:
         """One token: ``x_t [B, E]`` at absolute ``position`` (scalar or ``[B]``) ->
         ``(y_t [B, E], state)``; equal to the causal parallel form at that position."""
         t = self.transform
-        if t.step is None:
-            raise ValueError(f"transform {t.name!r} has no step (no decoding form)")
         pos = jnp.asarray(position, jnp.int32)
         pos = pos[None] if pos.ndim == 0 else pos[:, None]
         x = x_t[:, None]
         q, k, v = self._project(x, pos)
-        y, state = t.step(state, q[:, 0], k[:, 0], v[:, 0], **self.options(for_step=True))
+        y, state = t.step(state, q[:, 0], k[:, 0], v[:, 0], **self.options())
         return cast(self._output(x, y[:, None]), self.dtype)[:, 0], state
 
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import zoo.attention as za
-from zoo.attention._common import causal_mask, shape_str
+from zoo.attention.common import causal_mask, shape_str
 
 Array = jax.Array
 SINK_THRESHOLD = 0.3

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import zoo.attention as za
-from zoo.attention._common import shape_str
+from zoo.attention.common import shape_str
 from zoo.nn.attention import register_mixer
 from zoo.nn.layers import param as _param
 

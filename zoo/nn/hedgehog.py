@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.attention import feature_maps as fmaps
-from zoo.attention._common import shape_str
+from zoo.attention.common import shape_str
 from zoo.nn.diagnostics import softmax_weights
 from zoo.nn.layers import axis_init as _init
 

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import zoo.attention as za
-from zoo.attention._common import shape_str
+from zoo.attention.common import shape_str
 from zoo.attention.miras import check_choices as _check_miras_choices
 from zoo.attention.miras import make_rule as _miras_rule
 from zoo.attention.titans import ACTIVATIONS, Rule, apply_memory, init_weights, l2_loss, token_update

@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 import zoo.attention as za
-from zoo.attention._common import shape_str
+from zoo.attention.common import shape_str
 from zoo.nn.attention import register_mixer
 from zoo.nn.diagnostics import capturing, softmax_weights
 from zoo.nn.layers import apply_rope

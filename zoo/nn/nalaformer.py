@@ -39,7 +39,7 @@ from flax import nnx
 
 import zoo.attention as za
 from zoo.attention import feature_maps as fmaps
-from zoo.attention._common import shape_str
+from zoo.attention.common import shape_str
 from zoo.nn.attention import register_mixer
 from zoo.nn.layers import axes
 from zoo.nn.layers import axis_init as _init

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zoo.attention._common import shape_str
+from zoo.attention.common import shape_str
 from zoo.attention.positional import positional_apply, positional_weights
 from zoo.nn.diagnostics import capturing
 from zoo.nn.layers import axis_init as _init
