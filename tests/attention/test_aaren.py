@@ -1,5 +1,6 @@
 """Aaren prefix-scan attention: associative == sequential scan == step == masked prefix softmax."""
 
+import functools
 import importlib
 
 import jax
@@ -17,8 +18,10 @@ B, T, H, D, E = 2, 11, 2, 4, 3
 TOL = 2e-6  # float32 forms vs float32 reference, O(1) values
 
 # Jitted entry points (eager op-by-op dispatch of the scans is slow on a busy CPU).
-aaren = jax.jit(A.aaren, static_argnames=("causal", "impl", "return_state"))
-aaren_naive = jax.jit(A.aaren_naive, static_argnames=("causal",))
+causal_aaren = functools.partial(A.aaren, causal=True)
+causal_naive = functools.partial(A.aaren_naive, causal=True)
+aaren = jax.jit(causal_aaren, static_argnames=("causal", "impl", "return_state"))
+aaren_naive = jax.jit(causal_naive, static_argnames=("causal",))
 
 
 def _run_steps(q, k, v, mask=None):
@@ -149,9 +152,9 @@ def test_gradients_match_naive(impl):
     m = _mask()
     w = rand(20, B, T, H, E)
     loss = lambda f: lambda q, k, v: jnp.sum(w * f(q, k, v, mask=m))
-    fast = lambda *a, **kw: A.aaren(*a, impl=impl, **kw)
+    fast = lambda *a, **kw: causal_aaren(*a, impl=impl, **kw)
     g = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2)))(q, k, v)
-    g_ref = jax.jit(jax.grad(loss(A.aaren_naive), argnums=(0, 1, 2)))(q, k, v)
+    g_ref = jax.jit(jax.grad(loss(causal_naive), argnums=(0, 1, 2)))(q, k, v)
     for name, a, e in zip("qkv", g, g_ref):
         assert_close(a, e, atol=1e-5, rtol=1e-5, what=f"d{name}")
 
@@ -163,7 +166,7 @@ def test_step_gradients_from_empty_state():
 
     w = np.arange(1, T + 1, dtype=np.float32)[None, :, None, None]
     run = lambda q, k, v: jnp.sum(w * _run_steps(q, k, v, m)[0])
-    naive = lambda q, k, v: jnp.sum(w * A.aaren_naive(q, k, v, mask=m))
+    naive = lambda q, k, v: jnp.sum(w * causal_naive(q, k, v, mask=m))
     g = jax.jit(jax.grad(run, argnums=(0, 1, 2)))(q, k, v)
     g_ref = jax.jit(jax.grad(naive, argnums=(0, 1, 2)))(q, k, v)
     for name, a, e in zip("qkv", g, g_ref):
@@ -172,11 +175,11 @@ def test_step_gradients_from_empty_state():
 
 def test_jit_vmap():
     q, k, v = _inputs(seed=23)
-    ref = A.aaren_naive(q, k, v)
+    ref = causal_naive(q, k, v)
     for impl in ("associative", "sequential"):
-        jitted = jax.jit(A.aaren, static_argnames=("impl",))(q, k, v, impl=impl)
+        jitted = jax.jit(causal_aaren, static_argnames=("impl",))(q, k, v, impl=impl)
         assert_close(jitted, ref, atol=TOL, what=f"jit {impl}")
-    vm = jax.jit(jax.vmap(lambda kb, vb: A.aaren(q, kb[None], vb[None])[0]))(k, v)
+    vm = jax.jit(jax.vmap(lambda kb, vb: causal_aaren(q, kb[None], vb[None])[0]))(k, v)
     assert_close(vm, ref, atol=TOL, what="vmap over batch")
 
 
@@ -208,7 +211,7 @@ def test_fixture_parity():
 
 def test_registered():
     tr = za.get("aaren")
-    assert tr.causal_only and tr.step is A.step and tr.reference is A.aaren_naive
+    assert tr.causal_only and tr.step_fn is A.step and tr.reference_fn is A.aaren_naive
     q, k, v = _inputs(seed=31, per_position=True)
     out = jax.jit(lambda q, k, v: tr(q, k, v, causal=True))(q, k, v)
     assert_close(out, aaren_naive(q, k, v), atol=TOL, what="registry")
@@ -217,25 +220,25 @@ def test_registered():
 def test_bad_inputs():
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="q must be"):
-        A.aaren(q[0], k, v)
+        causal_aaren(q[0], k, v)
     with pytest.raises(ValueError, match=r"q must be \[heads, 4\]"):
-        A.aaren(rand(0, H, D + 1), k, v)
+        causal_aaren(rand(0, H, D + 1), k, v)
     with pytest.raises(ValueError, match="k must have rank 4"):
-        A.aaren(q, k[0], v)
+        causal_aaren(q, k[0], v)
     with pytest.raises(ValueError, match="v must be"):
-        A.aaren(q, k, v[:, :-1])
+        causal_aaren(q, k, v[:, :-1])
     with pytest.raises(ValueError, match="multiple of k/v heads"):
-        A.aaren(rand(0, 3, D), k, v)
+        causal_aaren(rand(0, 3, D), k, v)
     with pytest.raises(ValueError, match=r"mask must be \[batch, length\]"):
-        A.aaren(q, k, v, mask=np.ones((B, T + 1), bool))
-    with pytest.raises(ValueError, match="causal must be True"):
-        A.aaren(q, k, v, causal=False)
+        causal_aaren(q, k, v, mask=np.ones((B, T + 1), bool))
+    with pytest.raises(ValueError, match="causal only"):
+        causal_aaren(q, k, v, causal=False)
     with pytest.raises(ValueError, match="impl="):
-        A.aaren(q, k, v, impl="fast")
+        causal_aaren(q, k, v, impl="fast")
     with pytest.raises(ValueError, match="initial_state/state must be an AarenState"):
-        A.aaren(q, k, v, initial_state=(1, 2, 3))
+        causal_aaren(q, k, v, initial_state=(1, 2, 3))
     with pytest.raises(ValueError, match="state must have m"):
-        A.aaren(q, k, v, initial_state=A.init_state(B + 1, H, D, E))
+        causal_aaren(q, k, v, initial_state=A.init_state(B + 1, H, D, E))
     st = A.init_state(B, H, D, E)
     with pytest.raises(ValueError, match="k_t must be"):
         A.step(st, q, k[:, :2], v[:, 0])

@@ -254,7 +254,7 @@ def test_fixture_parity(causal):
 
 def test_registered():
     tr = za.get("flow")
-    assert tr.step is F.step and tr.init_state is F.init_state and tr.reference is F.flow_naive
+    assert tr.step_fn is F.step and tr.init_state_fn is F.init_state and tr.reference_fn is F.flow_naive
     q, k, v = _inputs(seed=18)
     ref = F.flow_naive(q, k, v, causal=True)
     out = jax.jit(lambda q, k, v: tr(q, k, v, causal=True))(q, k, v)

@@ -171,7 +171,7 @@ def test_causal_step_equals_parallel():
     q, k = P.positional_qk(*prm)
     v = rand(29, B, L, H, E)
     tr = za.get("positional")
-    cache = tr.init_state(B, H, DQK, L, value_dim=E)
+    cache = tr.init_state(B, H, DQK, E, max_len=L)
     ys = []
     for t in range(L):
         bc = lambda x, t=t: jnp.broadcast_to(x[t], (B, H, DQK))
@@ -221,7 +221,7 @@ def test_fixture_block():
 
 def test_registered():
     tr = za.get("positional")
-    assert tr.fn is P.positional and tr.reference is P.positional_naive
+    assert tr.fn is P.positional and tr.reference_fn is P.positional_naive
     q, k, v = rand(30, B, L, H, DQK), rand(31, B, L, H, DQK), rand(32, B, L, H, E)
     out = jax.jit(lambda q, k, v: tr(q, k, v, causal=True))(q, k, v)
     assert_close(out, P.positional_naive(q, k, v, causal=True), atol=TOL,

@@ -46,7 +46,7 @@ def test_window_matches_jax_nn_local_window():
     # jax.nn's local_window_size=(left, right): `left` keys before the query plus itself.
     ref = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(3, 0))
     assert_close(out, ref, **TOL)
-    assert_close(za.sliding_window(q, k, v, window=4), out, atol=0)
+    assert_close(za.sliding_window(q, k, v, causal=True, window=4), out, atol=0)
 
 
 def test_mask_and_fully_masked_rows():
@@ -148,15 +148,16 @@ def lssa_numpy(q, k, v, reweight, p=15.0, delta=1.0):
 @pytest.mark.parametrize("reweight", [False, True])
 def test_softplus_matches_numpy(reweight):
     q, k, v = qkv(t=9, h=2, hk=2)
-    out = za.softplus(q, k, v, reweight=reweight)
+    out = za.softplus(q, k, v, causal=True, reweight=reweight)
     assert_close(out, lssa_numpy(q, k, v, reweight), atol=1e-5, rtol=1e-4)
 
 
 def test_softplus_identities_and_long_rows_finite():
     q, k, v = qkv(t=9, h=2, hk=2)
     # p = 1 and delta = 0 reduce LSSAR to LSSA; row 1 has weight 1.
-    assert_close(za.softplus(q, k, v, reweight=True, power=1.0, delta=0.0), za.softplus(q, k, v), atol=1e-5)
-    assert_close(za.softplus(q, k, v)[:, 0], v[:, 0], atol=1e-6)
+    assert_close(za.softplus(q, k, v, causal=True, reweight=True, power=1.0, delta=0.0),
+                 za.softplus(q, k, v, causal=True), atol=1e-5)
+    assert_close(za.softplus(q, k, v, causal=True)[:, 0], v[:, 0], atol=1e-6)
     # (n a - 1)^15 overflows float32 at n = 8192 unless computed in the log domain.
     t = 8192
     qq = rand(3, 1, t, 1, 4)
@@ -193,7 +194,10 @@ def test_prefill_then_step_and_window_ring():
     q, k, v = qkv(t=20, h=2, hk=2)
     win = 6
     par = za.softmax(q, k, v, causal=True, window=win)
-    cache = za.prefill(za.init_cache(2, 2, 8, capacity=win), k[:, :9], v[:, :9])
+    cache = za.softmax_init_state(2, 2, 8, kv_heads=2, max_len=20, window=win)
+    assert cache.pos.shape == (win,)  # a ring buffer of the window
+    y0, cache = za.softmax_prefill(cache, q[:, :9], k[:, :9], v[:, :9], window=win)
+    assert_close(y0, par[:, :9], **TOL)  # one parallel call over a prompt longer than the ring
     ys = []
     for t in range(9, 20):
         y, cache = za.softmax_step(cache, q[:, t], k[:, t], v[:, t], window=win)

@@ -7,6 +7,8 @@ k/v may have fewer heads than q (grouped-query attention). Every function is saf
 
 import functools
 
+import jax.numpy as jnp
+
 from zoo.attention import common, feature_maps
 from zoo.attention.aaren import AarenState, aaren, aaren_naive
 from zoo.attention.aaren import init_state as aaren_init_state
@@ -24,7 +26,6 @@ from zoo.attention.linear import init_state as linear_init_state
 from zoo.attention.linear import step as linear_step
 from zoo.attention.miras import PRESETS as MIRAS_PRESETS
 from zoo.attention.miras import memora, miras, miras_naive, moneta, yaad
-from zoo.attention.miras import preset as miras_preset
 from zoo.attention.miras import step as miras_step
 from zoo.attention.positional import (
     identity_encoding,
@@ -67,17 +68,19 @@ from zoo.attention.titans import step as titans_step
 _kv = dict(init_state_fn=softmax_init_state, prefill_fn=softmax_prefill, cache="kv")
 register(Transform(
     "softmax", softmax, softmax_naive, step_fn=softmax_step, parallel_only={"bias"}, **_kv,
+    example_options=lambda h, d: {"sink_logit": jnp.linspace(-1.0, 1.0, h)},
     description="scaled dot-product softmax attention (sinks, window, log-n scaling options)",
 ))
 register(Transform(
     "sliding_window", sliding_window, softmax_naive, step_fn=softmax_step, parallel_only={"bias"},
-    causal_only=True, defaults={"window": 256}, **_kv,
+    causal_only=True, defaults={"window": 256}, example_options=lambda h, d: {"window": 3}, **_kv,
     description="causal sliding-window softmax attention (window=256 by default)",
 ))
 register(Transform(
     "sigmoid", sigmoid, sigmoid_naive, init_state_fn=softmax_init_state,
     prefill_fn=functools.partial(softmax_prefill, variant="sigmoid"),
     step_fn=functools.partial(softmax_step, variant="sigmoid"), cache="kv", step_exact={"bias"},
+    example_options=lambda h, d: {"bias": -1.5},
     description="sigmoid attention, bias -log n, no normalisation",
 ))
 register(Transform(
@@ -87,9 +90,22 @@ register(Transform(
     description="length-scaled softplus attention (LSSA; reweight=True for LSSAR)",
 ))
 register(Transform(
-    "positional", positional, positional_naive, step_fn=softmax_step, **_kv,
+    "positional", positional, positional_naive, step_fn=softmax_step, gqa=False, **_kv,
     description="positional attention: weights from positional q/k only, values from the input",
 ))
+
+
+def _linear_examples(feature_map: str, heads: int, head_dim: int) -> dict:
+    """Chunks of 3 (ragged at test lengths); plain linear also gets per-head decay rates 0 and
+    0.7; hedgehog gets its learnable map's parameters (identity-initialised)."""
+    ex: dict = {"chunk_size": 3}
+    if feature_map == "elu":
+        ex["decay"] = jnp.linspace(0.0, 0.7, heads)
+    if feature_map == "hedgehog":
+        ex["feature_map_params"] = feature_maps.hedgehog_init(None, head_dim, heads=heads)
+    return ex
+
+
 _recurrent = dict(init_state_fn=linear_init_state, prefill_fn=recurrent_prefill(linear),
                   step_fn=linear_step, cache="recurrent", parallel_only={"chunk_size"})
 for _name, _fm, _desc in (
@@ -101,7 +117,7 @@ for _name, _fm, _desc in (
     register(Transform(
         _name, linear, linear_naive, **_recurrent,
         defaults={"feature_map": _fm, **({"normalize": "mean"} if _fm == "nalaformer" else {})},
-        description=_desc,
+        example_options=functools.partial(_linear_examples, _fm), description=_desc,
     ))
 register(Transform(
     "aaren", aaren, aaren_naive, init_state_fn=aaren_init_state, prefill_fn=recurrent_prefill(aaren),
@@ -111,10 +127,11 @@ register(Transform(
 register(Transform(
     "flow", flow, flow_naive, init_state_fn=flow_init_state, prefill_fn=recurrent_prefill(flow),
     step_fn=flow_step, cache="recurrent", parallel_only={"chunk_size"},
+    example_options=lambda h, d: {"chunk_size": 3},
     description="Flow-Attention (Flowformer): sigmoid linear attention with flow conservation",
 ))
 _memory = dict(init_state_fn=memory_init_state, cache="recurrent", causal_only=True, linear_in_v=False,
-               parallel_only={"form"})
+               parallel_only={"form"}, example_options=lambda h, d: {"chunk_size": 3})
 register(Transform(
     "titans", titans, titans_naive, prefill_fn=recurrent_prefill(titans), step_fn=titans_step, **_memory,
     description="Titans neural memory: test-time GD + momentum + decay (chunked)",

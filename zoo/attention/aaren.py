@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from zoo.attention.common import check_choice, check_qkv, check_rank, repeat_kv, shape_str
+from zoo.attention.common import check_choice, check_float, check_qkv, check_rank, repeat_kv, shape_str
 
 Array = jax.Array
 IMPLS = ("associative", "sequential")
@@ -78,7 +78,7 @@ def init_state(
 
 def _check_causal(causal: Any) -> None:
     if causal is not True:
-        raise ValueError(f"causal must be True: Aaren is a causal prefix scan; got {causal!r}")
+        raise ValueError(f"Aaren is causal only (a prefix scan): pass causal=True; got causal={causal!r}")
 
 
 def _combine(a: AarenState, b: AarenState) -> AarenState:
@@ -157,7 +157,7 @@ def _check_state(state: Any, b: int, h: int, e: int) -> AarenState:
 
 def aaren(
     q: Array, k: Array, v: Array, *,
-    causal: bool = True,
+    causal: bool = False,
     scale: float | None = None,
     mask: Array | None = None,
     impl: str = "associative",
@@ -171,7 +171,8 @@ def aaren(
         ``[batch, length, heads, head_dim]`` (token ``i`` scored with ``q_i``).
       k: ``[batch, length, kv_heads, head_dim]`` (``heads % kv_heads == 0``).
       v: ``[batch, length, kv_heads, value_dim]``.
-      causal: must be True (Aaren is a causal prefix scan; there is no bidirectional form).
+      causal: must be given as True (Aaren is a causal prefix scan; there is no bidirectional
+        form; the default False raises, as for every causal-only transform).
       scale: multiplies the scores; default 1 (no ``1/sqrt(d)``, see the module docstring).
       mask: bool ``[batch, length]``, True = real token; False tokens (padding) are the identity
         element: they change neither the state nor later outputs. A position with no real token
@@ -215,7 +216,7 @@ def aaren(
 
 
 def aaren_naive(
-    q: Array, k: Array, v: Array, *, causal: bool = True, scale: float | None = None,
+    q: Array, k: Array, v: Array, *, causal: bool = False, scale: float | None = None,
     mask: Array | None = None,
 ) -> Array:
     """Reference: masked prefix softmax ``o_t = softmax_i(s_i + log[i <= t and mask_i]) . v`` as an
@@ -244,9 +245,10 @@ def step(
     bool ``[batch]`` (False = padding: the state is unchanged). O(head_dim) time and memory per
     head. Returns ``(y_t [batch, heads, value_dim], new_state)``.
     """
-    for name, x in (("k_t", k_t), ("v_t", v_t)):
-        if getattr(x, "ndim", None) != 3:
+    for name, x in (("k_t", k_t), ("v_t", v_t), ("q_t", q_t)):
+        if name != "q_t" and getattr(x, "ndim", None) != 3:
             raise ValueError(f"{name} must be [batch, heads, dim] (one token); got {shape_str(x)}")
+        check_float(name, x)
     if getattr(q_t, "ndim", None) == 3:
         q = q_t[:, None]
     elif getattr(q_t, "ndim", None) == 2:

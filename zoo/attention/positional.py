@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from zoo.attention.common import causal_mask, check_positive_int, check_rank, repeat_kv, shape_str
+from zoo.attention.common import causal_mask, check_float, check_positive_int, check_rank, repeat_kv, shape_str
 
 Array = jax.Array
 
@@ -140,6 +140,11 @@ def _check_positional_qkv(q: Any, k: Any, v: Any, causal: bool) -> None:
     if not shared:
         check_rank("q", q, 4, "[length, heads, qk_dim] (shared) or [batch, length, heads, qk_dim]")
     check_rank("k", k, q.ndim, layout + " like q")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_float(name, x)
+    if q.shape[-3] == 0 or tk == 0:
+        raise ValueError(f"q and k must hold at least one token (length >= 1); got q length {q.shape[-3]}, "
+                         f"k length {tk}")
     lead = () if shared else (b,)
     if q.shape[:-3] != lead:
         raise ValueError(f"q batch size {q.shape[0]} != v batch size {b}")

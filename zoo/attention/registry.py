@@ -14,8 +14,10 @@ A :class:`Transform` is everything true of one mechanism, in one record:
   ``cache`` (``"kv"``: a KV cache whose capacity is ``max_len``; ``"recurrent"``: a fixed-size
   state), ``parallel_only`` (options a one-token step never takes), ``step_exact`` (options a
   caller must give explicitly for decoding to equal the parallel form, e.g. sigmoid's ``bias``
-  whose default depends on the key length) and ``impl_family`` (the table of implementations
-  its ``impl=`` option chooses from).
+  whose default depends on the key length), ``impl_family`` (the table of implementations its
+  ``impl=`` option chooses from) and ``example_options(heads, head_dim)`` (small options that
+  exercise the mechanism: learnable parameters it needs, a short window or chunk; the
+  conformance suite runs every form with them).
 
 Decoding, the same for every mechanism::
 
@@ -58,7 +60,7 @@ PARALLEL_ONLY = frozenset({"impl", "mask", "initial_state", "return_state", "cau
 _DECODE_ARGS = frozenset({"batch", "heads", "head_dim", "value_dim", "kv_heads", "max_len", "dtype"})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signature(fn: Callable) -> tuple[frozenset[str], bool]:
     """Named keyword parameters of ``fn`` and whether it takes ``**kwargs`` (the one place the
     zoo reads signatures)."""
@@ -93,6 +95,7 @@ class Transform:
     parallel_only: frozenset[str] = PARALLEL_ONLY
     step_exact: frozenset[str] = frozenset()
     impl_family: str | None = None
+    example_options: Callable[[int, int], Mapping[str, Any]] | None = None
     description: str = ""
 
     def __post_init__(self):
@@ -293,7 +296,9 @@ def platform() -> str:
     return "gpu" if p in ("cuda", "rocm", "gpu") else p
 
 
-def resolve(family: str, impl: str | Sequence[str] = "auto", *, on: str | None = None, **options: Any) -> Implementation:
+def resolve(
+    family: str, impl: str | Sequence[str] = "auto", *, on: str | None = None, **options: Any,
+) -> Implementation:
     """The implementation of ``family`` that ``impl`` selects for ``options`` on platform ``on``
     (default: the default backend). ``impl``: a name, ``"auto"`` or an ordered tuple of names
     (the first that fits). Raises a ValueError listing every reason when none fits."""
