@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from zoo.attention.common import check_positive_int, check_qkv, repeat_kv, shape_str
+from zoo.attention.common import check_positive_int, check_qkv, check_token, repeat_kv
 from zoo.attention.linear import LinearState
 from zoo.attention.linear import linear as _linear
 
@@ -258,11 +258,7 @@ def step(
     ``y = sigmoid(I^) (phi(q)/I)^T S``. Returns ``(y_t [batch, heads, value_dim], new_state)``;
     equal to the causal parallel form at that position.
     """
-    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
-        if getattr(x, "ndim", None) != 3:
-            raise ValueError(
-                f"{name} must be [batch, heads, head_dim] (one token); got {shape_str(x)}"
-            )
+    check_token(q_t, k_t, v_t)
     one = lambda x: x[:, None]
     fq, fk, vf = _prepare(one(q_t), one(k_t), one(v_t), causal=True, eps=eps, clamp=clamp)
     fq, fk, vf = fq[:, 0], fk[:, 0], vf[:, 0]
