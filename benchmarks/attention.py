@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import inspect
 import math
 import pathlib
 import platform
@@ -63,17 +62,14 @@ def transforms(d: int) -> dict[str, tuple[Callable, str]]:
                                       impl="chunked"), "linear"),
         "softmax (zoo, causal)": (lambda q, k, v: za.softmax(q, k, v, causal=True), "quadratic"),
         "sigmoid (causal)": (lambda q, k, v: za.sigmoid(q, k, v, causal=True), "quadratic"),
-        "softplus LSSAR (causal)": (lambda q, k, v: za.softplus(q, k, v, reweight=True), "quadratic"),
+        "softplus LSSAR (causal)": (lambda q, k, v: za.softplus(q, k, v, causal=True, reweight=True), "quadratic"),
     }
     # Transforms registered by later issues (aaren, flow, titans, ...) join with their defaults.
     for name in za.names():
         if name in ("softmax", "sigmoid", "softplus", "linear", "hedgehog", "sliding_window", "based",
                     "nalaformer", "positional"):
             continue
-        tr = za.get(name)
-        takes_causal = "causal" in inspect.signature(tr.fn).parameters
-        kw = {"causal": True} if takes_causal else {}
-        out[f"{name} (registry default)"] = functools.partial(_call, tr, kw), "linear"
+        out[f"{name} (registry default)"] = functools.partial(_call, za.get(name), {"causal": True}), "linear"
     return out
 
 
