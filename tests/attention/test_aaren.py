@@ -235,7 +235,7 @@ def test_bad_inputs():
         causal_aaren(q, k, v, causal=False)
     with pytest.raises(ValueError, match="impl="):
         causal_aaren(q, k, v, impl="fast")
-    with pytest.raises(ValueError, match="initial_state/state must be an AarenState"):
+    with pytest.raises(ValueError, match="initial_state/state must be a AarenState"):
         causal_aaren(q, k, v, initial_state=(1, 2, 3))
     with pytest.raises(ValueError, match="state must have m"):
         causal_aaren(q, k, v, initial_state=A.init_state(B + 1, H, D, E))

@@ -40,7 +40,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from zoo.attention.common import check_choice, check_float, check_qkv, check_rank, repeat_kv, shape_str
+from zoo.attention.common import (
+    check_choice,
+    check_float,
+    check_qkv,
+    check_rank,
+    check_state,
+    repeat_kv,
+    shape_str,
+)
 
 Array = jax.Array
 IMPLS = ("associative", "sequential")
@@ -142,14 +150,7 @@ def _scores_and_values(q, k, v, scale, mask):
 
 
 def _check_state(state: Any, b: int, h: int, e: int) -> AarenState:
-    if not isinstance(state, AarenState):
-        raise ValueError(f"initial_state/state must be an AarenState; got {type(state).__name__}")
-    if state.m.shape != (b, h) or state.u.shape != (b, h) or state.w.shape != (b, h, e):
-        raise ValueError(
-            f"state must have m [{b}, {h}], u [{b}, {h}], w [{b}, {h}, {e}]; got "
-            f"m {shape_str(state.m)}, u {shape_str(state.u)}, w {shape_str(state.w)}"
-        )
-    return AarenState(*(x.astype(jnp.float32) for x in state))
+    return check_state(state, AarenState, AarenState((b, h), (b, h), (b, h, e)))
 
 
 # ----------------------------------------------------------------------------- public API

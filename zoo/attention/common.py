@@ -97,6 +97,19 @@ def check_token(q_t: Array, k_t: Array, v_t: Array) -> tuple[int, int, int]:
     return check_qkv(q_t[:, None], k_t[:, None], v_t[:, None])
 
 
+def check_state(state: Any, cls: type, shapes: Any, *, cast: Any = jnp.float32) -> Any:
+    """``state`` must be a ``cls`` (a NamedTuple of arrays) whose fields have ``shapes`` (a ``cls``
+    of shape tuples, None = any); returns it with every field cast to ``cast`` (None: as is).
+    Raises a ValueError naming ``initial_state/state`` and listing expected and actual shapes."""
+    if not isinstance(state, cls):
+        raise ValueError(f"initial_state/state must be a {cls.__name__}; got {type(state).__name__}")
+    got = tuple(tuple(getattr(x, "shape", ())) for x in state)
+    if any(w is not None and tuple(w) != g for w, g in zip(shapes, got)):
+        fmt = lambda ss: ", ".join(f"{n} {list(s) if s is not None else 'any'}" for n, s in zip(cls._fields, ss))
+        raise ValueError(f"state must have shapes {fmt(shapes)}; got {fmt(got)}")
+    return state if cast is None else cls(*(jnp.asarray(x, cast) for x in state))
+
+
 def repeat_kv(x: Array, groups: int) -> Array:
     """Repeats k/v heads ``[B, T, Hkv, D] -> [B, T, Hkv * groups, D]`` (head h uses kv head h // groups)."""
     return x if groups == 1 else jnp.repeat(x, groups, axis=2)

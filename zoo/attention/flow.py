@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from zoo.attention.common import check_positive_int, check_qkv, check_token, repeat_kv
+from zoo.attention.common import check_positive_int, check_qkv, check_state, check_token, repeat_kv
 from zoo.attention.linear import LinearState
 from zoo.attention.linear import linear as _linear
 
@@ -111,20 +111,9 @@ def _dot(a: Array, b: Array) -> Array:
     return jnp.sum(a * b, axis=-1)
 
 
-def _fmt_shapes(shapes: Any) -> str:
-    return ", ".join(f"{n} {list(s)}" for n, s in zip(FlowState._fields, shapes))
-
-
 def _check_state(state: Any, b: int, h: int, d: int, e: int) -> FlowState:
-    if not isinstance(state, FlowState):
-        raise ValueError(f"initial_state/state must be a FlowState; got {type(state).__name__}")
     want = FlowState((b, h, d), (b, h, d), (b, h, d), (b, h, d), (b, h), (b, h, d, e), (b,))
-    got = tuple(tuple(getattr(x, "shape", ())) for x in state)
-    if got != tuple(want):
-        raise ValueError(
-            "state must have shapes " + _fmt_shapes(want) + "; got " + _fmt_shapes(got)
-        )
-    return FlowState(*(jnp.asarray(x, jnp.float32) for x in state))
+    return check_state(state, FlowState, want)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -136,7 +125,7 @@ def flow(
     eps: float = 1e-6,
     clamp: float | None = 1.0,
     chunk_size: int | None = None,
-    impl: str = "chunked",
+    impl: str | tuple[str, ...] = "chunked",
     initial_state: FlowState | None = None,
     return_state: bool = False,
 ) -> Array | tuple[Array, FlowState]:
@@ -152,7 +141,8 @@ def flow(
       clamp: upper (and lower) clip of the conserved outgoing flow, 1 in the core source;
         None for no clip.
       chunk_size, impl: causal only; the form of the final causal product, passed to
-        :func:`zoo.attention.linear.linear` (``"chunked"`` by default, or ``"scan"``/``"auto"``).
+        :func:`zoo.attention.linear.linear`: an implementation of the ``"linear"`` family
+        (``"chunked"`` by default, ``"scan"``, ``"pallas"``), ``"auto"`` or an ordered tuple.
       initial_state / return_state: causal only; continue from / also return a
         :class:`FlowState` (a sequence split in two parts gives the same outputs).
 
