@@ -237,7 +237,7 @@ def test_bad_inputs():
         causal_aaren(q, k, v, impl="fast")
     with pytest.raises(ValueError, match="initial_state/state must be a AarenState"):
         causal_aaren(q, k, v, initial_state=(1, 2, 3))
-    with pytest.raises(ValueError, match="state must have m"):
+    with pytest.raises(ValueError, match=r"state must have shapes m \[2, 2\]"):
         causal_aaren(q, k, v, initial_state=A.init_state(B + 1, H, D, E))
     st = A.init_state(B, H, D, E)
     with pytest.raises(ValueError, match="k_t must be"):
