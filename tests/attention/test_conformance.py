@@ -80,9 +80,10 @@ def test_forward_equals_reference(name, impl):
         o = dict(opts)
         if not causal:
             o = {k_: x for k_, x in o.items() if k_ not in ("decay", "window")}  # causal-only options
-        y = t(q, k, v, causal=causal, **o)
+        y = jax.jit(lambda q, k, v, o=o: t(q, k, v, causal=causal, **o))(q, k, v)
         assert y.shape == (B, T, H, E) and y.dtype == v.dtype
-        assert_close(y, t.reference(q, k, v, causal=causal, **o), **OUT, what=f"{name} causal={causal}")
+        ref = jax.jit(lambda q, k, v, o=o: t.reference(q, k, v, causal=causal, **o))(q, k, v)
+        assert_close(y, ref, **OUT, what=f"{name} causal={causal}")
 
 
 @pytest.mark.parametrize("name,impl", CASES)
@@ -96,8 +97,8 @@ def test_gradients_equal_reference(name, impl):
     def loss(form):
         return lambda q, k, v, d: jnp.sum(w * form(q, k, v, causal=True, **rest, **d))
 
-    g = jax.grad(loss(t), argnums=(0, 1, 2, 3))(q, k, v, diff)
-    g_ref = jax.grad(loss(t.reference), argnums=(0, 1, 2, 3))(q, k, v, diff)
+    g = jax.jit(jax.grad(loss(t), argnums=(0, 1, 2, 3)))(q, k, v, diff)
+    g_ref = jax.jit(jax.grad(loss(t.reference), argnums=(0, 1, 2, 3)))(q, k, v, diff)
     tree_assert_close(g, g_ref, **GRAD, what=f"{name} grads (q, k, v, {', '.join(diff)})")
 
 
@@ -106,25 +107,28 @@ def test_prefill_then_step_equals_parallel(name, impl):
     t, q, k, v, opts, hk = _setup(name, impl)
     if not t.decodes:
         pytest.skip(f"{name} has no decoding form")
-    y = t(q, k, v, causal=True, **opts)
+    y = jax.jit(lambda q, k, v: t(q, k, v, causal=True, **opts))(q, k, v)
     s0 = t.init_state(B, H, D, E, kv_heads=hk, max_len=T, dtype=jnp.float32, **opts)
-    y_p, st = t.prefill(s0, q[:, :PROMPT], k[:, :PROMPT], v[:, :PROMPT], **opts)
+    prefill = jax.jit(lambda s, q, k, v: t.prefill(s, q, k, v, **opts))
+    step = jax.jit(lambda s, q, k, v: t.step(s, q, k, v, **opts))
+    y_p, st = prefill(s0, q[:, :PROMPT], k[:, :PROMPT], v[:, :PROMPT])
     ys = [y_p]
     for i in range(PROMPT, T):
-        y_t, st = t.step(st, q[:, i], k[:, i], v[:, i], **opts)
+        y_t, st = step(st, q[:, i], k[:, i], v[:, i])
         assert y_t.shape == (B, H, E)
         ys.append(y_t[:, None])
     assert_close(jnp.concatenate(ys, axis=1), y, **OUT, what=f"{name} prefill + step vs parallel")
-    _, st_all = t.prefill(s0, q, k, v, **opts)
+    _, st_all = prefill(s0, q, k, v)
     tree_assert_close(st_all, st, **OUT, what=f"{name} state after prefill(all) vs stepping")
 
 
 @pytest.mark.parametrize("name,impl", CASES)
 def test_causality(name, impl):
     t, q, k, v, opts, _ = _setup(name, impl)
-    y = t(q, k, v, causal=True, **opts)
+    f = jax.jit(lambda q, k, v: t(q, k, v, causal=True, **opts))
+    y = f(q, k, v)
     c = 3
-    y2 = t(q.at[:, c].add(1.0), k.at[:, c].add(-2.0), v.at[:, c].add(3.0), causal=True, **opts)
+    y2 = f(q.at[:, c].add(1.0), k.at[:, c].add(-2.0), v.at[:, c].add(3.0))
     assert_close(y2[:, :c], y[:, :c], atol=1e-6, what=f"{name}: outputs before the changed token")
     assert float(jnp.max(jnp.abs(y2[:, c:] - y[:, c:]))) > 1e-4, "the change reaches later outputs"
 
@@ -133,9 +137,10 @@ def test_causality(name, impl):
 def test_bfloat16(name, impl):
     t, q, k, v, opts, _ = _setup(name, impl)
     bf = lambda x: x.astype(jnp.bfloat16)
-    y = t(bf(q), bf(k), bf(v), causal=True, **opts)
+    y = jax.jit(lambda q, k, v: t(q, k, v, causal=True, **opts))(bf(q), bf(k), bf(v))
     assert y.dtype == jnp.bfloat16
-    ref = t.reference(*(bf(x).astype(jnp.float32) for x in (q, k, v)), causal=True, **opts)
+    ref = jax.jit(lambda q, k, v: t.reference(q, k, v, causal=True, **opts))(
+        *(bf(x).astype(jnp.float32) for x in (q, k, v)))
     assert_close(y.astype(jnp.float32), ref, atol=6e-2, rtol=6e-2, what=f"{name} bf16")
 
 
@@ -143,12 +148,14 @@ def test_bfloat16(name, impl):
 def test_jit_vmap_remat(name, impl):
     t, q, k, v, opts, _ = _setup(name, impl)
     f = lambda q, k, v: t(q, k, v, causal=True, **opts)
-    y = f(q, k, v)
-    assert_close(jax.jit(f)(q, k, v), y, **OUT, what="jit")
-    yv = jax.vmap(lambda a, b, c: f(a[None], b[None], c[None])[0])(q, k, v)
+    y = jax.jit(f)(q, k, v)
+    ref = jax.jit(lambda q, k, v: t.reference(q, k, v, causal=True, **opts))(q, k, v)
+    assert_close(y, ref, **OUT, what="jit")
+    yv = jax.jit(jax.vmap(lambda a, b, c: f(a[None], b[None], c[None])[0]))(q, k, v)
     assert_close(yv, y, **OUT, what="vmap over the batch")
     loss = lambda q: jnp.sum(f(q, k, v) ** 2)
-    assert_close(jax.grad(jax.checkpoint(loss))(q), jax.grad(loss)(q), **GRAD, what="grad through remat")
+    g_remat = jax.jit(jax.grad(jax.checkpoint(loss)))(q)
+    assert_close(g_remat, jax.jit(jax.grad(loss))(q), **GRAD, what="grad through remat")
 
 
 @pytest.mark.parametrize("name", za.names())
