@@ -1,23 +1,25 @@
-"""Pallas kernels of the zoo (GPU via Triton, TPU via Mosaic; interpret mode on CPU).
+"""Pallas kernels of the zoo (GPU via Triton, TPU via Mosaic; interpret mode on CPU), one
+sub-package per kernel (``common`` block maths, ``tpu`` / ``gpu`` programs, ``reference``).
 
 ``causal_linear_attention(q, k, v, decay_rate, *, initial_state, chunk_size) -> (out, final_state)``
 is the tiled causal linear attention of Lightning Attention-2 (Qin et al. 2024) with forward and
-backward kernels; ``zoo.attention.linear(impl="pallas" | "auto")`` calls it. See
+backward kernels; ``zoo.attention.linear(impl="pallas" | "auto")`` calls
+``causal_linear_attention_kernel`` (inside ``shard_map`` when a mesh is active). See
 :mod:`kernels_pallas.linear_attention`.
 """
 
 from kernels_pallas.linear_attention import (
     BlockSizes,
     causal_linear_attention,
+    causal_linear_attention_kernel,
     causal_linear_attention_reference,
     flops,
-    sharded_causal_linear_attention,
 )
 
 __all__ = [
     "BlockSizes",
     "causal_linear_attention",
+    "causal_linear_attention_kernel",
     "causal_linear_attention_reference",
     "flops",
-    "sharded_causal_linear_attention",
 ]

@@ -80,9 +80,9 @@ def test_forward_equals_reference(name, impl):
         o = dict(opts)
         if not causal:
             o = {k_: x for k_, x in o.items() if k_ not in ("decay", "window")}  # causal-only options
-        y = jax.jit(lambda q, k, v, o=o: t(q, k, v, causal=causal, **o))(q, k, v)
+        y = jax.jit(lambda q, k, v, o=o, c=causal: t(q, k, v, causal=c, **o))(q, k, v)
         assert y.shape == (B, T, H, E) and y.dtype == v.dtype
-        ref = jax.jit(lambda q, k, v, o=o: t.reference(q, k, v, causal=causal, **o))(q, k, v)
+        ref = jax.jit(lambda q, k, v, o=o, c=causal: t.reference(q, k, v, causal=c, **o))(q, k, v)
         assert_close(y, ref, **OUT, what=f"{name} causal={causal}")
 
 
@@ -92,6 +92,8 @@ def test_gradients_equal_reference(name, impl):
     # Kernels do not differentiate their gates (documented): only q, k, v for them.
     diff = {} if _is_kernel(t, impl) else _float_options(opts)
     rest = {k_: x for k_, x in opts.items() if k_ not in diff}
+    if diff and "learn_decay" in t.option_names:
+        rest["learn_decay"] = True  # decay rates are constants unless learning them is asked for
     w = jnp.asarray(rand(4, B, T, H, E))
 
     def loss(form):

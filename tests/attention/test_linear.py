@@ -5,6 +5,8 @@ O(1) values); gradients 1e-4 abs + 1e-4 rel. Fixture parity (float64 oracle, our
 1e-5 abs + 1e-5 rel.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,12 +70,27 @@ def test_gradients_equal_reference(impl, decay):
 
 
 def test_gradient_wrt_decay_rates():
+    """learn_decay=True: every form is differentiable in the rates and equals the reference."""
     q, k, v = qkv(t=13)
     rates = DECAYS["per_head"]
     f = lambda fn: jax.grad(lambda r: jnp.sum(fn(r) ** 2))(rates)
-    ref = f(lambda r: za.linear_naive(q, k, v, causal=True, decay=r))
-    got = f(lambda r: za.linear(q, k, v, causal=True, decay=r, impl="chunked", chunk_size=4))
-    assert_close(got, ref, **GTOL, what="d/d decay")
+    ref = f(lambda r: za.linear_naive(q, k, v, causal=True, decay=r, learn_decay=True))
+    assert np.all(np.abs(np.asarray(ref)) > 1e-3)
+    for impl in ("chunked", "scan"):
+        got = f(lambda r, impl=impl: za.linear(q, k, v, causal=True, decay=r, learn_decay=True, impl=impl,
+                                               chunk_size=4))
+        assert_close(got, ref, **GTOL, what=f"d/d decay {impl}")
+
+
+@pytest.mark.parametrize("impl", ["chunked", "scan", "pallas", "naive"])
+def test_decay_is_a_constant_by_default(impl):
+    """learn_decay=False (default): no gradient flows to the decay in any form, so every
+    implementation computes the same function and gradient (the kernel never differentiates it)."""
+    q, k, v = qkv(b=1, t=9, h=4, d=4, e=4)
+    rates = DECAYS["per_head"]
+    fn = za.linear_naive if impl == "naive" else functools.partial(za.linear, impl=impl, chunk_size=4)
+    g = jax.grad(lambda r: jnp.sum(fn(q, k, v, causal=True, decay=r) ** 2))(rates)
+    np.testing.assert_array_equal(np.asarray(g), 0.0)
 
 
 def test_noncausal_reference_and_gqa():
@@ -245,3 +262,180 @@ def test_bad_input(kwargs, shapes, match):
     arrays = [np.zeros(s, np.float32) for s in shapes]
     with pytest.raises(ValueError, match=match):
         za.linear(*arrays, **kwargs)
+
+
+# ----------------------------------------------------------------------------- defect 4: rates 0 and +inf
+
+
+def oracle(q, k, v, rates, *, normalize=True, eps=1e-6, s0=None, z0=None):
+    """The token recurrence in float64 NumPy (elu + 1 feature map): ``S_t = lambda_t S_{t-1} +
+    phi(k_t) v_t^T``, ``lambda_t = exp(-rate_t)`` with ``lambda = 0`` exactly at ``rate = inf``
+    (written independently of zoo). ``rates [B, T, H]`` or None."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    phi = lambda x: np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+    b, t, h, d = q.shape
+    e = v.shape[-1]
+    s = np.zeros((b, h, d, e)) if s0 is None else np.asarray(s0, np.float64)
+    z = np.zeros((b, h, d)) if z0 is None else np.asarray(z0, np.float64)
+    out = np.zeros((b, t, h, e))
+    for i in range(t):
+        if rates is not None:
+            lam = np.where(np.isinf(rates[:, i]), 0.0, np.exp(-np.where(np.isinf(rates[:, i]), 0.0, rates[:, i])))
+            s, z = lam[..., None, None] * s, lam[..., None] * z
+        fk, fq = phi(k[:, i]), phi(q[:, i])
+        s = s + fk[..., :, None] * v[:, i, :, None, :]
+        z = z + fk
+        num = np.einsum("bhd,bhde->bhe", fq, s)
+        out[:, i] = num / (np.einsum("bhd,bhd->bh", fq, z)[..., None] + eps) if normalize else num
+    return out, s, z
+
+
+_T = 21
+_RNG = np.random.default_rng(11)
+LIMIT_DECAYS = {
+    "zero_per_head": np.zeros(4, np.float32),
+    "inf_per_head": np.full(4, np.inf, np.float32),
+    "mixed_per_head": np.array([0.0, np.inf, 0.5, 0.0], np.float32),
+    # per token: random rates with resets (inf) and no-decay steps (0), including a reset at
+    # t = 0, two in a row and one on a chunk boundary (chunk 4: t = 8)
+    "mixed_per_token": np.where(
+        _RNG.random((2, _T, 4)) < 0.2, np.inf, np.where(_RNG.random((2, _T, 4)) < 0.3, 0.0,
+                                                        _RNG.uniform(0.0, 2.0, (2, _T, 4)))
+    ).astype(np.float32),
+}
+LIMIT_DECAYS["mixed_per_token"][:, [0, 5, 6, 8]] = np.inf
+LIMIT_DECAYS["all_inf_per_token"] = np.full((2, _T, 4), np.inf, np.float32)
+
+
+@pytest.mark.parametrize("decay", list(LIMIT_DECAYS))
+@pytest.mark.parametrize("impl", ["chunked", "scan", "pallas", "naive", "step"])
+def test_rates_zero_and_inf_are_exact(impl, decay):
+    """Defect 4: a rate of +inf (a hard reset) gave NaN in the chunked form from the reset on and
+    everywhere in linear_naive. Every form is finite and equals the float64 recurrence (outputs
+    2e-5 abs + 2e-5 rel, final state the same)."""
+    rates = LIMIT_DECAYS[decay]
+    per_token = rates.ndim == 3
+    if impl == "pallas" and per_token:
+        pytest.skip("the kernel takes per-head rates (per-token decay is rejected: test_impl_registry)")
+    q, k, v = qkv(t=_T)
+    full = rates if per_token else np.broadcast_to(rates, (2, _T, 4))
+    want, s_want, z_want = oracle(q, k, v, full)
+    if impl == "naive":
+        got = za.linear_naive(q, k, v, causal=True, decay=rates)
+        state = None
+    elif impl == "step":
+        state = za.linear_init_state(2, 4, 8, 8)
+        outs = []
+        for t in range(_T):
+            y, state = za.linear_step(state, q[:, t], k[:, t], v[:, t], decay=rates[:, t] if per_token else rates)
+            outs.append(y)
+        got = jnp.stack(outs, 1)
+    else:
+        got, state = za.linear(q, k, v, causal=True, decay=rates, impl=impl, chunk_size=4, return_state=True)
+    assert np.all(np.isfinite(np.asarray(got))), f"{impl}/{decay}: non-finite output"
+    assert_close(got, want, **TOL, what=f"{impl}/{decay}")
+    if state is not None:
+        assert_close(state.S, s_want, **TOL, what=f"{impl}/{decay} S")
+        assert_close(state.z, z_want, **TOL, what=f"{impl}/{decay} z")
+
+
+@pytest.mark.parametrize("impl", ["chunked", "scan"])
+def test_gradients_finite_and_exact_with_resets(impl):
+    """learn_decay=True with resets and zero rates: gradients w.r.t. q, k, v and the (finite)
+    rates are finite and equal the reference's; the gradient at an infinite rate is 0
+    (d exp(-r)/dr = 0 there)."""
+    q, k, v = qkv(t=_T)
+    rates = LIMIT_DECAYS["mixed_per_token"]
+    w = rand(9, *v.shape)
+
+    def loss(fn, q, k, v, r):
+        return jnp.sum(fn(q, k, v, causal=True, decay=r, learn_decay=True) * w)
+
+    args = (q, k, v, rates)
+    ref = jax.grad(functools.partial(loss, za.linear_naive), argnums=(0, 1, 2, 3))(*args)
+    fn = functools.partial(za.linear, impl=impl, chunk_size=4)
+    got = jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3))(*args)
+    for name, a, e in zip(("dq", "dk", "dv", "drate"), got, ref):
+        assert np.all(np.isfinite(np.asarray(a))) and np.all(np.isfinite(np.asarray(e))), name
+        assert_close(a, e, **GTOL, what=f"{impl} {name}")
+    np.testing.assert_array_equal(np.asarray(got[3])[np.isinf(rates)], 0.0)
+
+
+@pytest.mark.parametrize("bad", [-0.5, np.nan])
+@pytest.mark.parametrize("form", ["linear", "naive", "step"])
+def test_decay_out_of_range_is_rejected(form, bad):
+    q, k, v = qkv(t=5)
+    rates = np.array([0.1, bad, 0.2, 0.3], np.float32)
+    with pytest.raises(ValueError, match=r"decay must lie in \[0.0, inf\]"):
+        if form == "linear":
+            za.linear(q, k, v, causal=True, decay=rates)
+        elif form == "naive":
+            za.linear_naive(q, k, v, causal=True, decay=rates)
+        else:
+            za.linear_step(za.linear_init_state(2, 4, 8, 8), q[:, 0], k[:, 0], v[:, 0], decay=rates)
+
+
+# ----------------------------------------------------------------------------- implementation registry
+
+
+def test_impl_registry():
+    """The "linear" family: its implementations, auto's per-platform choice and the reasons."""
+    impls = za.implementations("linear")
+    assert set(impls) == {"chunked", "scan", "pallas"}
+    assert impls["pallas"].platforms == ("gpu", "tpu") and impls["pallas"].interpret
+    for name in ("linear", "based", "hedgehog", "nalaformer"):
+        assert za.get(name).impl_family == "linear"
+    per_head, per_token = DECAYS["per_head"], DECAYS["per_token"]
+    pick = lambda impl="auto", on="cpu", **kw: za.resolve("linear", impl, on=on, **kw).name
+    assert pick() == "scan"
+    assert pick(on="gpu") == pick(on="tpu") == "pallas"
+    assert pick(on="gpu", decay=per_head) == "pallas"  # a constant (or traced, stored) decay: the kernel
+    assert pick(on="gpu", decay=per_token) == "chunked"
+    assert pick(on="gpu", decay=per_head, learn_decay=True) == "chunked"
+    assert pick(on="gpu", decay=None, learn_decay=True) == "pallas"  # nothing to learn
+    assert pick(("pallas", "scan"), decay=per_token) == "scan"
+    assert pick("pallas") == "pallas"  # explicit on CPU: interpret mode
+    with pytest.raises(ValueError, match="learn_decay=True needs a differentiable decay"):
+        pick("pallas", on="gpu", decay=per_head, learn_decay=True)
+    with pytest.raises(ValueError, match="per-token decay"):
+        pick("pallas", decay=per_token)
+    q, k, v = qkv(t=8)
+    with pytest.raises(ValueError, match="per-token decay"):
+        za.linear(q, k, v, causal=True, decay=per_token[:, :8], impl="pallas")
+    with pytest.raises(ValueError, match="impl='xla' is not valid"):
+        za.linear(q, k, v, causal=True, impl="xla")
+
+
+def test_impl_tuple_and_auto_give_the_same_values():
+    q, k, v = qkv(t=19)
+    dec = DECAYS["per_head"]
+    ref = za.linear_naive(q, k, v, causal=True, decay=dec)
+    for impl in ("auto", ("pallas", "chunked"), ("chunked",)):
+        assert_close(za.linear(q, k, v, causal=True, decay=dec, impl=impl, chunk_size=8), ref, **TOL, what=str(impl))
+
+
+def test_traced_decay_under_jit_equals_eager():
+    """A decay that is a traced value (a model's stored constant under jit) is used as given."""
+    q, k, v = qkv(t=12)
+    dec = jnp.asarray(DECAYS["per_head"])
+    f = jax.jit(lambda q, k, v, d: za.linear(q, k, v, causal=True, decay=d, impl="pallas", chunk_size=4))
+    assert_close(f(q, k, v, dec), za.linear_naive(q, k, v, causal=True, decay=dec), **TOL)
+
+
+# ----------------------------------------------------------------------------- decoding inputs
+
+
+def test_init_state_numpy_sizes_and_step_checks():
+    st = za.linear_init_state(np.int64(2), np.int64(4), np.int32(8), np.int64(6))
+    assert st.S.shape == (2, 4, 8, 6) and st.z.shape == (2, 4, 8) and st.count.shape == (2,)
+    st2 = za.get("linear").init_state(np.int64(2), np.int64(4), np.int64(8))
+    assert st2.S.shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        za.linear_init_state(0, 4, 8)
+    q = np.zeros((2, 4, 8), np.float32)
+    with pytest.raises(ValueError, match=r"q_t must be \[batch, heads, head_dim\]"):
+        za.linear_step(st2, q[:, None], q, q)
+    with pytest.raises(ValueError, match="k_t must be a floating point array"):
+        za.linear_step(st2, q, q.astype(np.int32), q)
+    with pytest.raises(ValueError, match="state must have shapes"):
+        za.linear_step(st, q, q, q)

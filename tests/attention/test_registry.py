@@ -143,3 +143,21 @@ def test_record_validation():
         za.register(za.get("softmax"))
     with pytest.raises(ValueError, match="no decoding form"):
         za.Transform("x", za.softmax).init_state(1, 1, 1)
+
+
+def test_streaming_llm_sinks_through_the_registry():
+    """Decode-only options (num_sink_tokens) pass the option check and reach prefill/step; one
+    parallel prefill over a prompt longer than the cache equals StreamingLLM's visibility."""
+    t, ns, cap, n = za.get("softmax"), 2, 6, 14
+    q, k, v = _qkv(seed=7, t=n)
+    j, i = np.arange(n)[None, :], np.arange(n)[:, None]
+    vis = (j <= i) & ((i < cap) | (j < ns) | (j > i - (cap - ns)))  # written from the definition
+    expected = za.softmax_naive(q, k, v, mask=vis[None, None])
+    st = t.init_state(B, H, D, kv_heads=H, max_len=cap, num_sink_tokens=ns)
+    y, st = t.prefill(st, q[:, :10], k[:, :10], v[:, :10], num_sink_tokens=ns)
+    ys = [y]
+    for s in range(10, n):
+        y_t, st = t.step(st, q[:, s], k[:, s], v[:, s], num_sink_tokens=ns)
+        ys.append(y_t[:, None])
+    assert_close(jnp.concatenate(ys, 1), expected, atol=2e-5, rtol=2e-4)
+    assert_close(t(q, k, v, causal=True, num_sink_tokens=ns), t(q, k, v, causal=True), atol=0)

@@ -20,9 +20,10 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import Mesh
 
 import kernels_pallas
-from kernels_pallas import BlockSizes, causal_linear_attention, sharded_causal_linear_attention
-from kernels_pallas import linear_attention as la
+from kernels_pallas import BlockSizes, causal_linear_attention
+from kernels_pallas.linear_attention import common as la
 from tests.helpers import assert_close, rand
+from zoo.attention import dispatch
 
 # zoo.attention re-exports the function `linear`, which shadows the module attribute.
 zl = importlib.import_module("zoo.attention.linear")
@@ -90,6 +91,21 @@ def test_matches_oracle(backend, dtype, shape, chunk, decay, block_e):
     _check(fn, q, k, v, rate, s0, do, dst, TOL[dtype], f"{backend}/{jnp.dtype(dtype).name}/{shape}")
 
 
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_rates_zero_and_inf_are_exact(backend):
+    """Rates 0 (no decay) and +inf (lambda = 0: a reset every token) in one call, ragged last
+    block: finite and equal to the oracle, values and gradients (float32 1e-4)."""
+    q, k, v, _, s0, do, dst = _inputs(21, 1, 19, 3, 16, 8, jnp.float32, False)
+    rate = np.array([0.0, np.inf, 0.7], np.float32)
+
+    def fn(q, k, v, s0):
+        return causal_linear_attention(
+            q, k, v, rate, initial_state=s0, chunk_size=8, backend=backend, interpret=True
+        )
+
+    _check(fn, q, k, v, rate, s0, do, dst, 1e-4, f"{backend} rates 0/inf")
+
+
 def test_tpu_interpret_params():
     """The TPU program under the TPU simulator (randomised parallel grid order, NaN-filled
     uninitialised memory): catches reliance on the order of parallel grid steps or unwritten
@@ -134,16 +150,23 @@ def test_through_zoo_linear_elu_normalized():
 
 
 def test_sharded_batch_and_heads():
-    """shard_map over a (2 batch) x (4 heads) mesh of the simulated CPU devices."""
+    """zoo.attention.dispatch.kernel_call: the kernel under shard_map over a (2 batch) x (4 heads)
+    mesh of the simulated CPU devices (explicit mesh and rules) equals the oracle, values and
+    gradients."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (tests/conftest.py sets 8 simulated CPU devices)")
     mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     q, k, v, rate, s0, do, dst = _inputs(5, 2, 12, 4, 8, 8, jnp.float32, True)
+    x, st = ("batch", None, "heads", None), ("batch", "heads", None, None)
 
     def fn(q, k, v, s0):
-        return sharded_causal_linear_attention(
-            q, k, v, rate, mesh=mesh, batch_axis="data", head_axis="model", initial_state=s0,
-            chunk_size=8,
+        def local(q, k, v, r, s0):
+            assert q.shape == (1, 12, 1, 8), q.shape  # one batch element and one head per device
+            return causal_linear_attention(q, k, v, r, initial_state=s0, chunk_size=8)
+
+        return dispatch.kernel_call(
+            local, (q, k, v, jnp.asarray(rate), s0), in_axes=(x, x, x, ("heads",), st), out_axes=(x, st),
+            mesh=mesh, rules=(("batch", "data"), ("heads", "model")),
         )
 
     _check(fn, q, k, v, rate, s0, do, dst, 1e-4, "sharded")
@@ -161,19 +184,19 @@ def test_reference_matches_zoo_chunked():
 
 def test_block_plans():
     """Padding rules: Triton tiles are powers of two, Mosaic blocks (8k, 128m)."""
-    gpu = la._make_plan(
+    gpu = la.make_plan(
         100, 65, 65, jnp.bfloat16, backend="gpu", interpret=True, chunk_size=48, block_sizes=None,
         has_decay=True, precision=None,
     )
     assert (gpu.bt, gpu.nb, gpu.fp, gpu.be, gpu.ep) == (64, 2, 128, 64, 128)
     assert gpu.precision is None
-    tpu = la._make_plan(
+    tpu = la.make_plan(
         100, 65, 65, jnp.float32, backend="tpu", interpret=True, chunk_size=None, block_sizes=None,
         has_decay=False, precision=None,
     )
     assert (tpu.bt, tpu.nb, tpu.fp, tpu.be, tpu.ep) == (104, 1, 128, 128, 128)
     assert tpu.precision == jax.lax.Precision.HIGHEST
-    tiny = la._make_plan(
+    tiny = la.make_plan(
         5, 8, 3, jnp.bfloat16, backend="tpu", interpret=True, chunk_size=64, block_sizes=None,
         has_decay=False, precision=None,
     )
@@ -190,6 +213,8 @@ def test_validation_errors():
         causal_linear_attention(q, q, v, jnp.zeros((3,)))
     with pytest.raises(ValueError, match="initial_state"):
         causal_linear_attention(q, q, v, initial_state=jnp.zeros((1, 2, 4, 4)))
+    with pytest.raises(ValueError, match="chunk_size"):
+        causal_linear_attention(q, q, v, chunk_size=0)
     with pytest.raises(ValueError, match="backend"):
         causal_linear_attention(q, q, v, backend="cuda")
     if jax.default_backend() == "cpu":

@@ -65,7 +65,8 @@ from zoo.attention.titans import MemoryState, titans, titans_naive
 from zoo.attention.titans import init_state as memory_init_state
 from zoo.attention.titans import step as titans_step
 
-_kv = dict(init_state_fn=softmax_init_state, prefill_fn=softmax_prefill, cache="kv")
+_kv = dict(init_state_fn=softmax_init_state, prefill_fn=softmax_prefill, cache="kv",
+           decode_only={"num_sink_tokens"})
 register(Transform(
     "softmax", softmax, softmax_naive, step_fn=softmax_step, parallel_only={"bias"}, **_kv,
     example_options=lambda h, d: {"sink_logit": jnp.linspace(-1.0, 1.0, h)},
@@ -78,14 +79,14 @@ register(Transform(
 ))
 register(Transform(
     "sigmoid", sigmoid, sigmoid_naive, init_state_fn=softmax_init_state,
-    prefill_fn=functools.partial(softmax_prefill, variant="sigmoid"),
+    prefill_fn=functools.partial(softmax_prefill, variant="sigmoid"), decode_only={"num_sink_tokens"},
     step_fn=functools.partial(softmax_step, variant="sigmoid"), cache="kv", step_exact={"bias"},
     example_options=lambda h, d: {"bias": -1.5},
     description="sigmoid attention, bias -log n, no normalisation",
 ))
 register(Transform(
     "softplus", softplus, softplus_naive, init_state_fn=softmax_init_state,
-    prefill_fn=functools.partial(softmax_prefill, variant="softplus"),
+    prefill_fn=functools.partial(softmax_prefill, variant="softplus"), decode_only={"num_sink_tokens"},
     step_fn=functools.partial(softmax_step, variant="softplus"), cache="kv",
     description="length-scaled softplus attention (LSSA; reweight=True for LSSAR)",
 ))
@@ -107,7 +108,7 @@ def _linear_examples(feature_map: str, heads: int, head_dim: int) -> dict:
 
 
 _recurrent = dict(init_state_fn=linear_init_state, prefill_fn=recurrent_prefill(linear),
-                  step_fn=linear_step, cache="recurrent", parallel_only={"chunk_size"})
+                  step_fn=linear_step, cache="recurrent", parallel_only={"chunk_size"}, impl_family="linear")
 for _name, _fm, _desc in (
     ("linear", "elu", "linear attention, elu+1 feature map (Katharopoulos et al.)"),
     ("based", "taylor", "linear attention with BASED's 2nd-order Taylor feature map"),

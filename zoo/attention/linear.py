@@ -1,8 +1,9 @@
 """Linear attention (Katharopoulos et al. 2020) with Lightning-Attention-2 chunking and decay.
 
 With feature maps ``phi_q, phi_k`` (``zoo.attention.feature_maps``) and per-step decay
-``lambda_t = exp(g_t)`` (``g_t <= 0``; constant per head for Lightning / TransNormer, or per token
-for gated linear attention), causal linear attention is the recurrence
+``lambda_t = exp(-rate_t)`` (``rate_t >= 0``; constant per head for Lightning / TransNormer, or
+per token for gated linear attention; ``rate = +inf`` is a hard reset, ``lambda = 0``), causal
+linear attention is the recurrence
 
     S_t = lambda_t S_{t-1} + phi_k(k_t) v_t^T          z_t = lambda_t z_{t-1} + phi_k(k_t)
     y_t = phi_q(q_t)^T S_t / (phi_q(q_t)^T z_t + eps)    (normalize=True)
@@ -13,44 +14,64 @@ attention uses the full sums. There is no 1/sqrt(d) scaling unless ``scale`` is 
 the original papers). ``normalize="mean"`` divides numerator and denominator by the number of
 keys seen before adding eps (NaLaFormer's ``mean`` normaliser).
 
-Forms (``impl``), all equal to the naive masked quadratic reference :func:`linear_naive`:
+Implementations (``impl=``; registered as the ``"linear"`` family of
+``zoo.attention.registry``), all equal to the naive masked quadratic reference
+:func:`linear_naive`, all exact at rates 0 and ``+inf``:
+
 - ``"chunked"``: Lightning Attention-2 (Qin et al. 2024): quadratic inside a chunk of
   ``chunk_size`` tokens, a KV state carried between chunks (computed for all chunks at once and
-  prefix-combined with ``jax.lax.associative_scan``); any length (ragged last chunk padded with
-  zero keys and no decay); memory O(T/C * F * Dv).
+  prefix-combined with :func:`zoo.attention.common.affine_scan`); any length (ragged last chunk
+  padded with zero keys and no decay); memory O(T/C * F * Dv). Decay products inside a chunk are
+  ``exp`` of differences of cumulative *finite* log-decays, zeroed where a reset lies between
+  (never ``inf - inf``).
 - ``"scan"``: the token recurrence above as one ``jax.lax.scan`` (O(F * Dv) state); its
   gradient is the chunked form's VJP (same function; differentiating the scan would store every
   state).
-- ``"pallas"``: the tiled kernel in ``kernels_pallas`` (GPU/TPU; interpret mode on CPU).
-- ``"auto"``: ``pallas`` on GPU/TPU when available (and the decay, if any, is a per-head
-  constant: the kernel does not differentiate the decay rates), else the faster XLA form for
-  the backend (``scan`` on CPU, ``chunked`` elsewhere); the choice is logged once.
+- ``"pallas"``: the tiled kernels of ``kernels_pallas.linear_attention`` (GPU/TPU; Pallas
+  interpret mode on CPU when named explicitly), inside ``shard_map`` over the active mesh
+  (``zoo.attention.dispatch``). Takes a per-head decay only, and gives no decay gradient.
+
+``impl`` is a name, an ordered tuple of names (the first that can take the options) or
+``"auto"``: the per-platform preference (CPU: scan, chunked; GPU/TPU: pallas, chunked), the
+choice logged once. The decay is a constant by default (``learn_decay=False``: no gradient flows
+to it in any form, so every implementation computes the same function and gradient, and a
+decay stored in a model, traced under ``jit``, still reaches the kernel); ``learn_decay=True``
+makes it differentiable in every form and so excludes the kernel.
+
 Decoding uses :func:`init_state` / :func:`step` with the explicit state ``(S, z, count)``.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
+import importlib.util
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from zoo.attention import dispatch, registry
 from zoo.attention import feature_maps as fmaps
 from zoo.attention.common import (
-    check_choice,
+    affine_scan,
+    as_int,
     check_positive_int,
     check_qkv,
+    check_range,
+    check_state,
+    check_token,
+    chunk,
     repeat_kv,
     shape_str,
+    unchunk,
 )
+from zoo.attention.registry import Implementation
 
 Array = jax.Array
-logger = logging.getLogger("zoo.attention")
 
-IMPLS = ("auto", "xla", "chunked", "scan", "pallas")
+FAMILY = "linear"
 DEFAULT_CHUNK = 64
 
 
@@ -71,6 +92,7 @@ def alibi_slopes(heads: int) -> Array:
     """Per-head decay rates ``s_h`` (ALiBi slopes, as Lightning Attention's ``_build_slope_tensor``):
     ``2^(-8h/H)`` for ``h = 1..H``, interleaved when ``H`` is not a power of two. Use as
     ``decay=alibi_slopes(H)`` (``lambda_h = exp(-s_h)``)."""
+    heads = as_int("heads", heads, allow_none=False)
 
     def pow2(n: int) -> list[float]:
         start = 2 ** (-(2 ** -(math.log2(n) - 3)))
@@ -101,7 +123,10 @@ def init_state(
     batch: int, heads: int, head_dim: int, value_dim: int | None = None, *,
     feature_map: Any = "elu", feature_map_params: Any = None,
 ) -> LinearState:
-    """Empty decoding state for ``heads`` query heads (float32)."""
+    """Empty decoding state for ``heads`` query heads (float32); sizes may be NumPy integers."""
+    batch, heads, head_dim = (as_int(n, x, allow_none=False) for n, x in
+                              (("batch", batch), ("heads", heads), ("head_dim", head_dim)))
+    value_dim = as_int("value_dim", value_dim)
     f = feature_dim(feature_map, head_dim, feature_map_params)
     e = head_dim if value_dim is None else value_dim
     return LinearState(
@@ -114,19 +139,26 @@ def init_state(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _log_decay(decay: Any, b: int, t: int, h: int) -> Array | None:
-    """Decay rates (>= 0) ``[H]`` or per token ``[B, T, H]`` -> log-decay ``g = -rate`` ``[B, T, H]``."""
+def _rates(decay: Any, b: int, t: int, h: int, learn_decay: bool) -> Array | None:
+    """Decay rates (``>= 0``, ``+inf`` allowed): a scalar or ``[H]`` -> ``[H]``; ``[B, T, H]`` per
+    token as is; float32, without gradient unless ``learn_decay``."""
     if decay is None:
         return None
+    check_range("decay", decay, lo=0.0, inf_ok=True)
     d = jnp.asarray(decay, jnp.float32)
     if d.ndim == 0 or d.shape == (h,):
-        return jnp.broadcast_to(-d, (b, t, h))
-    if d.shape == (b, t, h):
-        return -d
-    raise ValueError(
-        f"decay must be a scalar, [heads={h}] (rate per head) or [batch={b}, length={t}, heads={h}] "
-        f"(rate per token); got {shape_str(d)}"
-    )
+        d = jnp.broadcast_to(d, (h,))
+    elif d.shape != (b, t, h):
+        raise ValueError(
+            f"decay must be a scalar, [heads={h}] (rate per head) or [batch={b}, length={t}, heads={h}] "
+            f"(rate per token); got {shape_str(d)}"
+        )
+    return d if learn_decay else jax.lax.stop_gradient(d)
+
+
+def _log_decay(rates: Array | None, b: int, t: int, h: int) -> Array | None:
+    """Rates ``[H]`` or ``[B, T, H]`` -> log-decay ``g = -rate`` ``[B, T, H]`` (``-inf``: reset)."""
+    return None if rates is None else jnp.broadcast_to(-rates, (b, t, h))
 
 
 def _prepare(q, k, v, *, causal, feature_map, feature_map_params, scale, normalize, eps):
@@ -157,20 +189,14 @@ def _finish(num: Array, counts: Array | None, *, normalize, eps, dtype) -> Array
     return y.astype(dtype)
 
 
-def _check_state(state: Any, b: int, h: int, f: int, e: int) -> None:
-    if not isinstance(state, LinearState):
-        raise ValueError(f"initial_state/state must be a LinearState; got {type(state).__name__}")
-    if state.S.shape != (b, h, f, e) or state.z.shape != (b, h, f):
-        raise ValueError(
-            f"state must have S [{b}, {h}, {f}, {e}] and z [{b}, {h}, {f}]; got S {shape_str(state.S)}, "
-            f"z {shape_str(state.z)}"
-        )
+def _check_state(state: Any, b: int, h: int, f: int, e: int) -> LinearState:
+    return check_state(state, LinearState, LinearState((b, h, f, e), (b, h, f), (b,)), cast=None)
 
 
 def _aug_state(state: LinearState | None, b, h, f, e) -> Array:
     if state is None:
         return jnp.zeros((b, h, f, e + 1), jnp.float32)
-    _check_state(state, b, h, f, e)
+    state = _check_state(state, b, h, f, e)
     return jnp.concatenate([state.S, state.z[..., None]], axis=-1).astype(jnp.float32)
 
 
@@ -179,8 +205,8 @@ def _split_state(sa: Array, count: Array) -> LinearState:
 
 
 # ----------------------------------------------------------------------------- causal cores
-# All cores take fq, fk [B, T, H, F], va [B, T, H, E], g [B, T, H] log-decay (or None),
-# s0 [B, H, F, E], and return (num [B, T, H, E], final state [B, H, F, E]).
+# All cores take fq, fk [B, T, H, F], va [B, T, H, E], g [B, T, H] log-decay (or None; -inf is a
+# reset), s0 [B, H, F, E], and return (num [B, T, H, E], final state [B, H, F, E]).
 
 
 def _core_scan(fq, fk, va, g, s0):
@@ -216,19 +242,12 @@ def _scan_bwd(chunk, res, ct):
 _core_scan_fast_grad.defvjp(_scan_fwd, _scan_bwd)
 
 
-def _core_chunked(fq, fk, va, g, s0, chunk: int):
+def _core_chunked(fq, fk, va, g, s0, chunk_size: int):
     b, t, h, f = fq.shape
-    e = va.shape[-1]
-    c = min(chunk, t)
-    n = -(-t // c)
-    pad = n * c - t
-    if pad:
-        # Padded keys/values are zero and padded steps do not decay, so the state is exact.
-        p = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-        fq, fk, va = p(fq), p(fk), p(va)
-        g = None if g is None else p(g)
-    r = lambda x: x.reshape(b, n, c, *x.shape[2:])
-    fq, fk, va = r(fq), r(fk), r(va)
+    c = min(chunk_size, t)
+    # Padded keys/values are zero and padded steps do not decay (g = 0), so the state is exact.
+    fq, fk, va = (chunk(x, c)[0] for x in (fq, fk, va))  # [B, N, C, H, .]
+    n = fq.shape[1]
     mask = jnp.tril(jnp.ones((c, c), bool))
     a = jnp.einsum("bnrhf,bnshf->bnhrs", fq, fk)
     if g is None:
@@ -237,71 +256,94 @@ def _core_chunked(fq, fk, va, g, s0, chunk: int):
         chunk_decay = jnp.ones((b, n, h), jnp.float32)
         q_dec = None
     else:
-        cg = jnp.cumsum(r(g), axis=2)  # [B, N, C, H] cumulative log-decay inside each chunk
-        cgh = jnp.moveaxis(cg, 2, 3)  # [B, N, H, C]
-        diff = cgh[..., :, None] - cgh[..., None, :]
-        a = jnp.where(mask, a * jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
-        kw = fk * jnp.exp(cg[:, :, -1:] - cg)[..., None]
-        chunk_decay = jnp.exp(cg[:, :, -1])  # [B, N, H]
-        q_dec = jnp.exp(cg)[..., None]
+        # prod_{s<u<=r} lambda_u = exp(cg_r - cg_s) with cg the cumulative *finite* log-decay,
+        # and 0 when a reset (g = -inf) lies in (s, r], i.e. when the reset counts differ. No
+        # inf - inf, and every exp argument is <= 0 where it is used (no overflow in the VJP).
+        gc = chunk(g, c)[0]  # [B, N, C, H]
+        reset = jnp.isneginf(gc)
+        cg = jnp.cumsum(jnp.where(reset, 0.0, gc), axis=2)
+        cr = jnp.cumsum(reset.astype(jnp.int32), axis=2)
+        cgh, crh = jnp.moveaxis(cg, 2, 3), jnp.moveaxis(cr, 2, 3)  # [B, N, H, C]
+        keep = mask & (crh[..., :, None] == crh[..., None, :])
+        a = jnp.where(keep, a * jnp.exp(jnp.where(keep, cgh[..., :, None] - cgh[..., None, :], 0.0)), 0.0)
+        last_g, last_r = cg[:, :, -1:], cr[:, :, -1:]
+        kw = fk * jnp.where(cr == last_r, jnp.exp(last_g - cg), 0.0)[..., None]  # decay to chunk end
+        chunk_decay = jnp.where(last_r[:, :, 0] == 0, jnp.exp(last_g[:, :, 0]), 0.0)  # [B, N, H]
+        q_dec = jnp.where(cr == 0, jnp.exp(cg), 0.0)[..., None]  # decay from the chunk start
     intra = jnp.einsum("bnhrs,bnshe->bnrhe", a, va)
     delta = jnp.einsum("bnshf,bnshe->bnhfe", kw, va)  # state contribution of each chunk
-
-    # Prefix-combine the affine maps S -> a_n S + delta_n over chunks (exact, no overflow).
-    def combine(x, y):
-        a1, b1 = x
-        a2, b2 = y
-        return a1 * a2, a2[..., None, None] * b1 + b2
-
-    acc_a, acc_b = jax.lax.associative_scan(combine, (chunk_decay, delta), axis=1)
+    # Prefix-compose the affine maps S -> a_n S + delta_n over chunks (exact, no overflow).
+    acc_a, acc_b = affine_scan(chunk_decay, delta, axis=1)
     s_after = acc_a[..., None, None] * s0[:, None] + acc_b  # state after chunk n
     s_before = jnp.concatenate([s0[:, None], s_after[:, :-1]], axis=1)
     inter = jnp.einsum("bnrhf,bnhfe->bnrhe", fq, s_before)
     if q_dec is not None:
         inter = q_dec * inter
-    num = (intra + inter).reshape(b, n * c, h, e)[:, :t]
-    return num, s_after[:, -1]
+    return unchunk(intra + inter, t), s_after[:, -1]
 
 
-_warned: set[str] = set()
+# ----------------------------------------------------------------------------- implementations
+# Family "linear": fn(fq, fk, va, rates, s0, *, chunk_size, platform) -> (num, final state), with
+# rates None, [H] or [B, T, H] (already validated and, unless learn_decay, without gradient).
 
 
-def _log_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        logger.info(msg)
+def _impl_chunked(fq, fk, va, rates, s0, *, chunk_size, platform):
+    b, t, h, _ = fq.shape
+    return _core_chunked(fq, fk, va, _log_decay(rates, b, t, h), s0, chunk_size or DEFAULT_CHUNK)
 
 
-def resolve_impl(impl: str, *, decay_per_token: bool = False) -> str:
-    """Resolves ``impl`` ("auto"/"xla") to a concrete form for the default backend (logged once)."""
-    check_choice("impl", impl, IMPLS)
-    if impl not in ("auto", "xla"):
-        return impl
-    platform = jax.default_backend()
-    if impl == "auto" and platform in ("gpu", "tpu", "cuda", "rocm") and not decay_per_token:
-        if _pallas_available():
-            _log_once(f"zoo.attention.linear: impl='auto' -> 'pallas' on {platform}")
-            return "pallas"
-    # Measured in benchmarks/RESULTS.md: on CPU the token scan beats the chunked form; on
-    # matmul units (GPU/TPU) the chunked form wins.
-    choice = "scan" if platform == "cpu" else "chunked"
-    _log_once(f"zoo.attention.linear: impl={impl!r} -> {choice!r} on {platform}")
-    return choice
+def _impl_scan(fq, fk, va, rates, s0, *, chunk_size, platform):
+    b, t, h, _ = fq.shape
+    return _core_scan_fast_grad(fq, fk, va, _log_decay(rates, b, t, h), s0, chunk_size or DEFAULT_CHUNK)
 
 
-def _pallas_available() -> bool:
-    try:
-        import kernels_pallas  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(kernels_pallas, "causal_linear_attention")
+_TOKENS = ("batch", None, "heads", None)  # [B, T, H, .]
+_STATE = ("batch", "heads", None, None)  # [B, H, F, E]
 
 
-def _core_pallas(fq, fk, va, decay, s0, chunk):
-    import kernels_pallas
+def _impl_pallas(fq, fk, va, rates, s0, *, chunk_size, platform):
+    from kernels_pallas import linear_attention as kernel
 
-    rate = None if decay is None else jnp.broadcast_to(jnp.asarray(decay, jnp.float32), (fq.shape[2],))
-    return kernels_pallas.causal_linear_attention(fq, fk, va, rate, initial_state=s0, chunk_size=chunk)
+    backend = "gpu" if platform == "gpu" else "tpu"
+    interpret = platform not in ("gpu", "tpu")
+
+    def call(fq, fk, va, rates, s0):
+        return kernel.causal_linear_attention_kernel(
+            fq, fk, va, rates, s0, backend=backend, interpret=interpret, chunk_size=chunk_size,
+        )
+
+    return dispatch.kernel_call(
+        call, (fq, fk, va, rates, s0), in_axes=(_TOKENS, _TOKENS, _TOKENS, ("heads",), _STATE),
+        out_axes=(_TOKENS, _STATE),
+    )
+
+
+def _pallas_supports(*, decay: Any = None, learn_decay: bool = False, **options: Any) -> str | None:
+    if importlib.util.find_spec("kernels_pallas") is None:
+        return "kernels_pallas is not importable"
+    if decay is not None and jnp.ndim(decay) == 3:
+        return "per-token decay [batch, length, heads] (the kernel takes one rate per head)"
+    if decay is not None and learn_decay:
+        return "learn_decay=True needs a differentiable decay (the kernel gives no decay gradient)"
+    return None
+
+
+registry.register_impl(FAMILY, Implementation("chunked", _impl_chunked), overwrite=True)
+registry.register_impl(FAMILY, Implementation("scan", _impl_scan), overwrite=True)
+registry.register_impl(FAMILY, Implementation(
+    "pallas", _impl_pallas, platforms=("gpu", "tpu"), interpret=True, supports=_pallas_supports,
+), overwrite=True)
+# Measured in benchmarks/RESULTS.md: on CPU the token scan beats the chunked form; on matmul
+# units (GPU/TPU) the kernel, then the chunked form.
+registry.set_preference(FAMILY, {
+    "cpu": ("scan", "chunked"), "gpu": ("pallas", "chunked"), "tpu": ("pallas", "chunked"),
+})
+
+
+def resolve_impl(impl: str | Sequence[str] = "auto", *, decay: Any = None, learn_decay: bool = False) -> str:
+    """The name of the implementation ``impl`` selects on the default backend for these options
+    (``registry.resolve("linear", ...)``; the choice of ``"auto"`` is logged once)."""
+    return registry.resolve(FAMILY, impl, decay=decay, learn_decay=learn_decay).name
 
 
 # ----------------------------------------------------------------------------- public API
@@ -315,9 +357,10 @@ def linear(
     eps: float = 1e-6,
     normalize: bool | str = True,
     decay: Any = None,
+    learn_decay: bool = False,
     scale: float | None = None,
     chunk_size: int | None = None,
-    impl: str = "auto",
+    impl: str | Sequence[str] = "auto",
     initial_state: LinearState | None = None,
     return_state: bool = False,
 ) -> Array | tuple[Array, LinearState]:
@@ -331,12 +374,17 @@ def linear(
       feature_map: name in ``feature_maps.names()``, a ``FeatureMap``, a callable or a pair.
       feature_map_params: parameters of a learnable map (or a pair ``(params_q, params_k)``).
       eps: added to the denominator. normalize: True, False or ``"mean"``.
-      decay: causal only; rates ``>= 0`` with ``lambda = exp(-rate)``: ``[heads]`` (Lightning /
-        TransNormer; see :func:`alibi_slopes`) or ``[batch, length, heads]`` per token.
+      decay: causal only; rates ``>= 0`` with ``lambda = exp(-rate)`` (``+inf``: a hard reset):
+        a scalar or ``[heads]`` (Lightning / TransNormer; see :func:`alibi_slopes`) or
+        ``[batch, length, heads]`` per token. Concrete values are range-checked.
+      learn_decay: False (default): the decay is a constant, no gradient flows to it (in every
+        form). True: differentiable in the decay (selects an XLA form; not the kernel).
       scale: multiplies q before the feature map (none by default, as in the papers).
-      chunk_size: chunk length of the chunked and Pallas forms (default 64).
-      impl: ``"auto" | "xla" | "chunked" | "scan" | "pallas"`` (the quadratic reference is
-        :func:`linear_naive`).
+      chunk_size: chunk length of the chunked and Pallas forms (default 64 for the chunked form,
+        the kernel's block size for Pallas).
+      impl: ``"auto"``, ``"chunked"``, ``"scan"``, ``"pallas"`` or an ordered tuple of them
+        (``zoo.attention.implementations("linear")``; the quadratic reference is
+        :func:`linear_naive`). Non-causal attention has one form (the full sums).
       initial_state / return_state: causal only; start from / also return a :class:`LinearState`.
 
     Returns ``[batch, q_length, heads, value_dim]`` in ``v.dtype`` (computed in float32), and the
@@ -352,31 +400,20 @@ def linear(
     )
     b, tq, h, f = fq.shape
     tk = fk.shape[1]
+    on = registry.platform()
     if not causal:
-        check_choice("impl", impl, IMPLS)
+        registry.resolve(FAMILY, impl, on=on)  # validates impl; the full sums are one form
         if decay is not None or initial_state is not None or return_state:
             raise ValueError("decay, initial_state and return_state need causal=True")
         kv = jnp.einsum("bjhf,bjhe->bhfe", fk, va)
         num = jnp.einsum("bihf,bhfe->bihe", fq, kv)
         return _finish(num, jnp.float32(tk), normalize=normalize, eps=eps, dtype=v.dtype)
 
-    g = _log_decay(decay, b, tq, h)
-    # The Pallas kernel gives no gradient for the decay rates: "auto" uses it only when the rates
-    # are constants (not traced values that may be learned).
-    traced_decay = isinstance(decay, jax.core.Tracer)
-    form = resolve_impl(impl, decay_per_token=decay is not None and (jnp.ndim(decay) == 3 or traced_decay))
+    rates = _rates(decay, b, tq, h, learn_decay)
+    form = registry.resolve(FAMILY, impl, on=on, decay=rates, learn_decay=learn_decay)
     s0 = _aug_state(initial_state, b, h, f, va.shape[-1] - 1)
-    chunk = chunk_size or DEFAULT_CHUNK
-    if form == "scan":
-        num, s_final = _core_scan_fast_grad(fq, fk, va, g, s0, chunk)
-    elif form == "chunked":
-        num, s_final = _core_chunked(fq, fk, va, g, s0, chunk)
-    else:
-        if not _pallas_available():
-            raise ValueError("impl='pallas' needs kernels_pallas.causal_linear_attention (not importable)")
-        if decay is not None and jnp.ndim(decay) == 3:
-            raise ValueError("impl='pallas' supports a per-head decay [heads], not per-token decay")
-        num, s_final = _core_pallas(fq, fk, va, decay, s0, chunk)
+    chunk_size = None if chunk_size is None else int(chunk_size)
+    num, s_final = form.fn(fq, fk, va, rates, s0, chunk_size=chunk_size, platform=on)
     c0 = jnp.zeros((b,), jnp.int32) if initial_state is None else initial_state.count
     counts = (c0[:, None] + jnp.arange(1, tq + 1, dtype=jnp.int32)[None, :]).astype(jnp.float32)
     out = _finish(num, counts[:, :, None, None], normalize=normalize, eps=eps, dtype=v.dtype)
@@ -388,10 +425,12 @@ def linear(
 def linear_naive(
     q: Array, k: Array, v: Array, *, causal: bool = False, feature_map: Any = "elu",
     feature_map_params: Any = None, eps: float = 1e-6, normalize: bool | str = True,
-    decay: Any = None, scale: float | None = None,
+    decay: Any = None, learn_decay: bool = False, scale: float | None = None,
 ) -> Array:
-    """Reference: the masked quadratic form ``y = (A / rowsum(A) + eps)`` with
-    ``A_ij = phi_q(q_i).phi_k(k_j) * prod_{j<u<=i} lambda_u * [j <= i]``. Obviously right, O(T^2)."""
+    """Reference: the masked quadratic form ``y = A v / (rowsum(A) + eps)`` with
+    ``A_ij = phi_q(q_i).phi_k(k_j) * prod_{j<u<=i} lambda_u * [j <= i]``, the decay product
+    taken term by term: 0 when a factor is 0 (a rate of ``+inf``), else ``exp`` of the sum of
+    the finite log-decays. Obviously right, O(T^2) memory, O(T^3) work."""
     fq, fk, va = _prepare(
         q, k, v, causal=causal, feature_map=feature_map, feature_map_params=feature_map_params,
         scale=scale, normalize=normalize, eps=eps,
@@ -401,14 +440,15 @@ def linear_naive(
     a = jnp.einsum("bihf,bjhf->bhij", fq, fk)
     if causal:
         a = jnp.where(jnp.tril(jnp.ones((tq, tk), bool)), a, 0.0)
-        g = _log_decay(decay, b, tq, h)
+        g = _log_decay(_rates(decay, b, tq, h, learn_decay), b, tq, h)
         if g is not None:
             pos = jnp.arange(tq)
-            # prod_{j<u<=i} lambda_u computed term by term (no cumulative-sum differences).
             i, j, u = pos[:, None, None], pos[None, :, None], pos[None, None, :]
-            between = (u > j) & (u <= i)
-            logw = jnp.einsum("iju,buh->bhij", between.astype(jnp.float32), g)
-            a = a * jnp.exp(logw)
+            between = ((u > j) & (u <= i)).astype(jnp.float32)  # [i, j, u]: u in (j, i]
+            reset = jnp.isneginf(g)
+            logw = jnp.einsum("iju,buh->bhij", between, jnp.where(reset, 0.0, g))
+            zeros = jnp.einsum("iju,buh->bhij", between, reset.astype(jnp.float32))
+            a = a * jnp.where(zeros > 0, 0.0, jnp.exp(logw))
         counts = jnp.arange(1, tq + 1, dtype=jnp.float32)[None, :, None, None]
     else:
         if decay is not None:
@@ -421,18 +461,16 @@ def linear_naive(
 def step(
     state: LinearState, q_t: Array, k_t: Array, v_t: Array, *,
     feature_map: Any = "elu", feature_map_params: Any = None, eps: float = 1e-6,
-    normalize: bool | str = True, decay: Any = None, scale: float | None = None,
+    normalize: bool | str = True, decay: Any = None, learn_decay: bool = False, scale: float | None = None,
 ) -> tuple[Array, LinearState]:
     """One decoding step of causal linear attention.
 
     ``q_t [batch, heads, head_dim]``, ``k_t [batch, kv_heads, head_dim]``,
-    ``v_t [batch, kv_heads, value_dim]``; ``decay`` ``[heads]`` or ``[batch, heads]`` rates.
-    Returns ``(y_t [batch, heads, value_dim], new_state)``: ``S <- lambda S + phi(k) v^T``,
-    ``z <- lambda z + phi(k)``, ``y = phi(q)^T S / (phi(q)^T z + eps)``.
+    ``v_t [batch, kv_heads, value_dim]``; ``decay``: a scalar, ``[heads]`` or ``[batch, heads]``
+    rates (``+inf``: reset). Returns ``(y_t [batch, heads, value_dim], new_state)``:
+    ``S <- lambda S + phi(k) v^T``, ``z <- lambda z + phi(k)``, ``y = phi(q)^T S / (phi(q)^T z + eps)``.
     """
-    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
-        if getattr(x, "ndim", None) != 3:
-            raise ValueError(f"{name} must be [batch, heads, head_dim] (one token); got {shape_str(x)}")
+    check_token(q_t, k_t, v_t)
     fq, fk, va = _prepare(
         q_t[:, None], k_t[:, None], v_t[:, None], causal=True, feature_map=feature_map,
         feature_map_params=feature_map_params, scale=scale, normalize=normalize, eps=eps,
@@ -443,9 +481,10 @@ def step(
         d = jnp.asarray(decay, jnp.float32)
         if d.ndim == 2:
             if d.shape != (b, h):
-                raise ValueError(f"decay must be [heads={h}] or [batch={b}, heads={h}]; got {shape_str(d)}")
-            d = d[:, None]
-        s = jnp.exp(_log_decay(d, b, 1, h)[:, 0])[..., None, None] * s
+                raise ValueError(f"decay must be a scalar, [heads={h}] or [batch={b}, heads={h}]; got {shape_str(d)}")
+            decay = d[:, None]  # [B, 1, H]: per token of a length-1 sequence
+        rates = _rates(decay, b, 1, h, learn_decay)
+        s = jnp.exp(_log_decay(rates, b, 1, h)[:, 0])[..., None, None] * s
     s = s + fk[:, 0, :, :, None] * va[:, 0, :, None, :]
     num = jnp.einsum("bhf,bhfe->bhe", fq[:, 0], s)
     count = state.count + 1

@@ -14,7 +14,9 @@ A :class:`Transform` is everything true of one mechanism, in one record:
   ``cache`` (``"kv"``: a KV cache whose capacity is ``max_len``; ``"recurrent"``: a fixed-size
   state), ``parallel_only`` (options a one-token step never takes), ``step_exact`` (options a
   caller must give explicitly for decoding to equal the parallel form, e.g. sigmoid's ``bias``
-  whose default depends on the key length), ``impl_family`` (the table of implementations its
+  whose default depends on the key length), ``decode_only`` (options only the decoding forms
+  take, such as StreamingLLM's ``num_sink_tokens``; the parallel forms drop them),
+  ``impl_family`` (the table of implementations its
   ``impl=`` option chooses from) and ``example_options(heads, head_dim)`` (small options that
   exercise the mechanism: learnable parameters it needs, a short window or chunk; the
   conformance suite runs every form with them).
@@ -94,6 +96,7 @@ class Transform:
     cache: str | None = None
     parallel_only: frozenset[str] = PARALLEL_ONLY
     step_exact: frozenset[str] = frozenset()
+    decode_only: frozenset[str] = frozenset()
     impl_family: str | None = None
     example_options: Callable[[int, int], Mapping[str, Any]] | None = None
     description: str = ""
@@ -107,6 +110,7 @@ class Transform:
                 f"transform {self.name!r}: a decoding form needs init_state_fn, prefill_fn, step_fn and cache"
             )
         object.__setattr__(self, "parallel_only", frozenset(self.parallel_only) | PARALLEL_ONLY)
+        object.__setattr__(self, "decode_only", frozenset(self.decode_only))
         self.check_options(self.defaults)
 
     # ------------------------------------------------------------------ facts
@@ -127,11 +131,11 @@ class Transform:
         names, var = _signature(self.fn)
         if var:
             return
-        bad = sorted(set(options) - self.option_names)
+        bad = sorted(set(options) - self.option_names - self.decode_only)
         if bad:
             raise ValueError(
                 f"{what}: transform {self.name!r} takes no option {', '.join(map(repr, bad))}; valid: "
-                f"{', '.join(sorted(self.option_names))}"
+                f"{', '.join(sorted(self.option_names | self.decode_only))}"
             )
 
     def check_causal(self, causal: Any) -> None:
@@ -141,6 +145,9 @@ class Transform:
     def _merged(self, options: Mapping[str, Any]) -> dict[str, Any]:
         return {**self.defaults, **options}
 
+    def _parallel(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in self._merged(options).items() if k not in self.decode_only}
+
     def _require_decoding(self) -> None:
         if not self.decodes:
             raise ValueError(f"transform {self.name!r} has no decoding form (init_state/prefill/step)")
@@ -149,19 +156,19 @@ class Transform:
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, **options: Any) -> Any:
         """The parallel form with the registered defaults under ``options``."""
-        return self.fn(q, k, v, **self._merged(options))
+        return self.fn(q, k, v, **self._parallel(options))
 
     def bind(self, **options: Any) -> Callable[..., Any]:
         """The parallel form with ``options`` fixed (on top of the registered defaults)."""
         self.check_options(options)
-        return functools.partial(self.fn, **self._merged(options))
+        return functools.partial(self.fn, **self._parallel(options))
 
     def reference(self, q: jax.Array, k: jax.Array, v: jax.Array, **options: Any) -> Any:
         """The naive reference with the registered defaults (options it does not take, such as
         ``impl``, are dropped)."""
         if self.reference_fn is None:
             raise ValueError(f"transform {self.name!r} has no reference form")
-        return self.reference_fn(q, k, v, **_accepted(self.reference_fn, self._merged(options)))
+        return self.reference_fn(q, k, v, **_accepted(self.reference_fn, self._parallel(options)))
 
     def step_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """The options (defaults merged) that ``step`` receives: parallel-only ones dropped."""
