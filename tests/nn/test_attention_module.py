@@ -1,5 +1,6 @@
-"""zoo.nn: MultiHeadAttention (any transform, decode == forward, options, axes, errors), layers
-(ShortConv, RoPE, MLP, RMSNorm, Embed) and the mixer registry."""
+"""zoo.nn: MultiHeadAttention (options, decode == forward with every option, axes, errors, KV-cache
+capacity), layers (ShortConv, RoPE, MLP, RMSNorm, Embed) and the mixer registry. Decode/prefill ==
+forward for every transform name is in test_mixers.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from flax import nnx
 import zoo.attention as za
 import zoo.nn as zn
 from tests.helpers import assert_close
-from tests.models.test_lm import exact_options
 from zoo.models import param_count
 from zoo.nn.attention import Constant
 
@@ -36,7 +36,7 @@ def decode(m, x: jax.Array, max_len: int | None = None) -> jax.Array:
 
 
 def mha(transform="softmax", **kw) -> zn.MultiHeadAttention:
-    return zn.MultiHeadAttention(E, H, transform=transform, rngs=nnx.Rngs(0), **kw)
+    return zn.MultiHeadAttention(H, E, transform=transform, rngs=nnx.Rngs(0), **kw)
 
 
 # ----------------------------------------------------------------------------- MultiHeadAttention
@@ -67,16 +67,6 @@ def test_all_options_decode_matches_forward_and_grads():
     assert all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0 for g in flat)
 
 
-@pytest.mark.parametrize("name", [n for n in za.names() if za.get(n).step is not None])
-def test_decode_matches_forward_registered(name):
-    kw = exact_options(name)
-    kv = H if name == "positional" else 2
-    m = mha(name, num_kv_heads=kv, rope=True, transform_kwargs=kw)
-    x = x_in()
-    y = nnx.jit(lambda m, x: m(x))(m, x)
-    assert_close(decode(m, x), y, atol=1e-4, rtol=1e-4, what=f"{name}: decode vs forward")
-
-
 def test_transform_object_and_callable():
     x = x_in()
     ref = mha("softmax")(x)
@@ -88,8 +78,10 @@ def test_transform_object_and_callable():
     assert_close(m(x), ref, atol=1e-6, what="callable")
     with pytest.raises(ValueError, match="no decoding form"):
         m.init_state(B, T)
-    with pytest.raises(ValueError, match="no step"):
+    with pytest.raises(ValueError, match="no decoding form"):
         m.decode_step(x[:, 0], None, 0)
+    with pytest.raises(ValueError, match="no decoding form"):
+        m.prefill(x, None)
 
 
 def test_non_causal_and_key_padding_mask():
@@ -162,14 +154,90 @@ def test_parameters_carry_logical_axes():
         ({"transform": "linear", "sink": True}, "sink"),
         ({"head_dim": 5, "rope": True}, "rope"),
         ({"transform_kwargs": {"causal": True}}, "causal"),
+        ({"transform_kwargs": {"mask": None}}, "mask"),
         ({"transform_kwargs": {"feature_map": "nope"}}, "feature_map"),
         ({"in_features": 0}, "in_features"),
+        ({"qkv_features": 10}, "qkv_features"),
+        ({"qkv_features": 32, "head_dim": 4}, "qkv_features"),
     ],
 )
 def test_bad_arguments(kw, arg):
     args = {"in_features": E, "num_heads": H, **kw}
     with pytest.raises(ValueError, match=arg):
-        zn.MultiHeadAttention(args.pop("in_features"), args.pop("num_heads"), rngs=nnx.Rngs(0), **args)
+        zn.MultiHeadAttention(args.pop("num_heads"), args.pop("in_features"), rngs=nnx.Rngs(0), **args)
+
+
+@pytest.mark.parametrize("name, typo", [("softmax", "windw"), ("linear", "feature_mapp"), ("sigmoid", "bais")])
+def test_transform_kwargs_typo_raises_at_construction(name, typo):
+    """Defect 5: a misspelt option is a ValueError naming it when the module is built (not at the
+    first call), through the constructor and through a mixer spec alike."""
+    with pytest.raises(ValueError, match=f"transform_kwargs.*{typo}"):
+        mha(name, transform_kwargs={typo: 1})
+    with pytest.raises(ValueError, match=f"mixers\\[0\\].*{typo}"):
+        zn.check_mixer_spec({"transform": name, typo: 1}, name="mixers[0]")
+    with pytest.raises(ValueError, match=typo):
+        zn.build_mixer({"transform": name, typo: 1}, E, rngs=nnx.Rngs(0), num_heads=H)
+
+
+def test_flax_argument_order_and_features():
+    """nnx.MultiHeadAttention's positional order: num_heads, in_features, qkv_features,
+    out_features, num_kv_heads, in_kv_features."""
+    m = zn.MultiHeadAttention(2, E, 12, 10, 1, 6, rngs=nnx.Rngs(0))
+    assert (m.num_heads, m.in_features, m.head_dim, m.out_features, m.num_kv_heads, m.in_kv_features) == (
+        2, E, 6, 10, 1, 6)
+    assert m.q_proj.shape == (E, 2, 6) and m.k_proj.shape == (6, 1, 6) and m.o_proj.shape == (2, 6, 10)
+    c = jax.random.normal(jax.random.key(3), (B, 5, 6))
+    assert m(x_in(), c, causal=False).shape == (B, T, 10)
+    with pytest.raises(ValueError, match="context"):
+        m(x_in())  # in_kv_features != in_features: self-attention is impossible
+
+
+def test_integer_and_empty_inputs_rejected():
+    """Defect 3 at the module level: integer x is a ValueError naming it (never truncated); so is
+    a length-0 sequence."""
+    m = mha()
+    st = m.init_state(B, T)
+    for call, arg in ((lambda: m(jnp.ones((B, T, E), jnp.int32)), "x"),
+                      (lambda: m.prefill(jnp.ones((B, T, E), jnp.int32), st), "x"),
+                      (lambda: m.decode_step(jnp.ones((B, E), jnp.int32), st, 0), "x_t"),
+                      (lambda: m(x_in(), jnp.ones((B, T, E), jnp.int32), causal=False), "context"),
+                      (lambda: m(jnp.zeros((B, 0, E))), "length >= 1"),
+                      (lambda: m.decode_step(x_in()[:, 0], st, 0.5), "position")):
+        with pytest.raises(ValueError, match=arg):
+            call()
+
+
+def test_sigmoid_decoding_needs_explicit_bias():
+    """Transform.step_exact: sigmoid's parallel bias defaults to -log(k_length), which a cache of
+    another size cannot reproduce, so init_state asks for it instead of decoding differently."""
+    with pytest.raises(ValueError, match="bias.*transform_kwargs"):
+        mha("sigmoid").init_state(B, T)
+    m = mha("sigmoid", transform_kwargs={"bias": -math.log(T)})
+    x = x_in()
+    assert_close(decode(m, x), m(x), atol=1e-5, what="sigmoid with explicit bias")
+
+
+def test_kv_cache_overflow_raises_for_full_attention():
+    """Decoding past a full-attention KV cache would evict tokens silently (a ring buffer): it is a
+    ValueError on concrete values; a sliding window evicts by design."""
+    m = mha()
+    x = x_in()
+    with pytest.raises(ValueError, match="max_len=4"):
+        m.prefill(x, m.init_state(B, 4))  # 8 tokens > 4 slots
+    st = m.init_state(B, T)
+    _, st = m.prefill(x[:, :6], st, 0)
+    with pytest.raises(ValueError, match="max_len=8"):
+        m.prefill(x[:, :3], st, 6)  # 6 + 3 > 8
+    _, st = m.prefill(x[:, :2], st, 6)  # exactly full: fine
+    with pytest.raises(ValueError, match="evict"):
+        m.decode_step(x[:, 0], st, 8)
+    with pytest.raises(ValueError, match="position"):
+        m.decode_step(x[:, 0], m.init_state(B, T), 8)  # a position past max_len
+    w = mha("sliding_window", transform_kwargs={"window": 3})
+    st = w.init_state(B, T)
+    y, st = w.prefill(x, st)
+    y2, _ = w.decode_step(x[:, 0], st, 8)  # the ring buffer wraps: allowed
+    assert y2.shape == (B, E)
 
 
 def test_wrong_input_shape():
@@ -200,6 +268,15 @@ def test_short_conv_formula_and_decode():
         yt, st = conv.decode_step(x[:, t], st)
         outs.append(yt)
     assert_close(jnp.stack(outs, 1), y, atol=1e-5, what="conv decode")
+    # prefill: one call, from the empty state or continuing one (the Block's short convolution)
+    y1, st1 = conv.prefill(x[:, :3], conv.init_state(B))
+    y2, st2 = conv.prefill(x[:, 3:], st1)
+    assert_close(jnp.concatenate([y1, y2], 1), y, atol=1e-5, what="conv prefill in two calls")
+    assert_close(st2, st, atol=0.0, what="prefill state == stepped state (the last width-1 inputs)")
+    y1, _ = conv.prefill(x[:, :1], conv.init_state(B))  # shorter than the kernel
+    assert_close(y1, y[:, :1], atol=1e-5, what="conv prefill of one token")
+    with pytest.raises(ValueError, match="x must be"):
+        conv.prefill(jnp.ones((B, T, E), jnp.int32), conv.init_state(B))
     assert zn.ShortConv(E, 1, rngs=nnx.Rngs(0)).init_state(B).shape == (B, 0, E)
     with pytest.raises(ValueError, match="width"):
         zn.ShortConv(E, 0, rngs=nnx.Rngs(0))
@@ -252,7 +329,8 @@ def test_norm_and_embed_axes():
 
 
 def test_mixer_registry_and_build():
-    assert "attention" in zn.mixer_names()
+    assert "attention" in zn.mixer_names("layer") and "softmax" in zn.mixer_names("transform")
+    assert set(zn.mixer_names()) == set(zn.mixer_names("layer")) | set(za.names())
     m = zn.build_mixer({"transform": "sliding_window", "window": 4, "qk_norm": True}, E, rngs=nnx.Rngs(0),
                        num_heads=H, rope=True)
     assert isinstance(m, zn.MultiHeadAttention)
@@ -262,9 +340,23 @@ def test_mixer_registry_and_build():
     m3 = zn.build_mixer({"module": "attention", "num_heads": 2}, E, rngs=nnx.Rngs(0))
     assert m3.transform_name == "softmax"
     assert zn.build_mixer("based", E, rngs=nnx.Rngs(0), num_heads=H).transform_name == "based"
-    with pytest.raises(ValueError, match="unknown mixer module"):
+    # a transform name always means MultiHeadAttention, in every spelling
+    for spec in ("flow", {"transform": "flow"}, {"module": "flow"}, {"module": "attention", "transform": "flow"}):
+        assert zn.check_mixer_spec(spec) == {"module": "attention", "transform": "flow"}
+        assert zn.build_mixer(spec, E, rngs=nnx.Rngs(0), num_heads=H).transform_name == "flow"
+    assert zn.get_mixer("flow")(E, rngs=nnx.Rngs(0), num_heads=H).transform_name == "flow"
+    assert "MultiHeadAttention(transform='flow')" in zn.describe_mixer("flow")
+    with pytest.raises(ValueError, match="unknown mixer"):
         zn.get_mixer("nope")
+    with pytest.raises(ValueError, match="layers\\[1\\]: unknown mixer 'flow_layer'"):
+        zn.check_mixer_spec("flow_layer", name="layers[1]")  # removed: "flow" is the one name
     with pytest.raises(ValueError, match="'transform' or a 'module'"):
         zn.build_mixer({"window": 3}, E, rngs=nnx.Rngs(0), num_heads=H)
+    with pytest.raises(ValueError, match="not both"):
+        zn.check_mixer_spec({"module": "flow", "transform": "linear"})
     with pytest.raises(ValueError, match="mixer name"):
         zn.register_mixer("", lambda d, rngs: None)
+    with pytest.raises(ValueError, match="transform name"):
+        zn.register_mixer("softmax", lambda d, *, rngs: None)
+    with pytest.raises(ValueError, match="rngs"):
+        zn.register_mixer("test_no_rngs", lambda d: None)

@@ -11,7 +11,7 @@ from zoo.nn import MultiHeadAttention
 
 
 def test_sown_entropy_matches_direct_softmax_and_outputs_unchanged():
-    mha = MultiHeadAttention(16, 2, transform="softmax", rngs=nnx.Rngs(0))
+    mha = MultiHeadAttention(2, 16, transform="softmax", rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 16))
     y0 = mha(x)
     y, stats = nnx.capture(mha, nnx.Intermediate)(x)
@@ -37,3 +37,15 @@ def test_memory_mixers_record_nothing():
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(stats)]
     assert any("[0]['mixer']['attention_entropy']" in p for p in paths)
     assert not any("[1]['mixer']" in p for p in paths)
+
+
+def test_cross_attention_records_entropy_but_no_sink_scores():
+    """Cross-attention weights [B, H, T, S] have an entropy per head; sink scores are defined for
+    self-attention only (even when S == T)."""
+    mha = MultiHeadAttention(2, 16, transform="linear", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 16))
+    c = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 16))
+    y, stats = nnx.capture(mha, nnx.Intermediate)(x, c, causal=False)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(mha(x, c, causal=False)))
+    assert jax.tree.leaves(stats["attention_entropy"])[0].shape == (2,)
+    assert "sink_scores" not in stats

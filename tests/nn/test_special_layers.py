@@ -12,7 +12,6 @@ from flax import nnx
 import zoo.attention as za
 import zoo.nn as znn
 from tests.helpers import assert_close, f32, fixture, rand
-from zoo.models import DecoderLM
 from zoo.nn import diagnostics as diag
 from zoo.nn.aaren import AarenLayer
 from zoo.nn.flow import FlowAttentionLayer
@@ -159,20 +158,21 @@ def test_moh_fixture_parity():
     np.testing.assert_array_equal(idx, fx["relative_pos_index"])
     assert_close(table, fx["relative_coords_table"], atol=0.0, what="CPB table")
     x = f32(fx["x"])
-    out, aux = m(x, hw=hw, return_aux=True)
+    out, aux = m(x, hw=hw, return_aux=True, causal=False)  # the vision model: non-causal
     assert_close(aux["head_gates"], fx["head_gates"], atol=TOL, what="head_gates")
     assert_close(aux["router_probs"], fx["router_probs"], atol=TOL, what="router_probs")
     np.testing.assert_array_equal(np.asarray(aux["routed_mask"]), fx["routed_mask"])
     assert_close(aux["load_balance_loss"], fx["load_balance_loss"], atol=TOL, what="load_balance_loss")
-    assert_close(m.attention_weights(x, hw=hw), fx["attn"], atol=TOL, what="attn")
+    assert_close(m.attention_weights(x, hw=hw, causal=False), fx["attn"], atol=TOL, what="attn")
     assert_close(aux["head_out"], fx["head_out"], atol=TOL, what="head_out")
     assert_close(out, fx["out"], atol=TOL, what="out")
     # the given rel_bias and the explicit CPB inputs are equivalent entry points
-    assert_close(m(x, rel_bias=f32(fx["rel_bias"])), fx["out"], atol=TOL, what="out from rel_bias")
-    out2 = m(x, relative_pos_index=fx["relative_pos_index"], relative_coords_table=f32(fx["relative_coords_table"]))
+    assert_close(m(x, rel_bias=f32(fx["rel_bias"]), causal=False), fx["out"], atol=TOL, what="out from rel_bias")
+    out2 = m(x, relative_pos_index=fx["relative_pos_index"], relative_coords_table=f32(fx["relative_coords_table"]),
+             causal=False)
     assert_close(out2, fx["out"], atol=TOL, what="out from CPB inputs")
     assert not nnx.state(m, nnx.Intermediate)  # nothing is sown outside nnx.capture
-    _, inter = nnx.capture(m, nnx.Intermediate)(x, hw=hw)
+    _, inter = nnx.capture(m, nnx.Intermediate)(x, hw=hw, causal=False)
     assert_close(inter["load_balance_loss"].get_value()[0], fx["load_balance_loss"], atol=TOL)
 
 
@@ -356,8 +356,8 @@ def test_positional_layer_fixture_parity():
     assert_close(np.transpose(layer.q_kernel[...], (0, 2, 1)), f32(fx["W_Q"]), atol=0.0)
     assert_close(np.transpose(layer.k_kernel[...], (0, 2, 1)), f32(fx["W_K"]), atol=0.0)
     assert_close(layer.q_bias[...], f32(fx["b_Q"]), atol=0.0)
-    assert_close(layer.attention_weights(f32(fx["p"])), fx["attn_weights_derived"], atol=TOL, what="A")
-    assert_close(layer(f32(fx["x"]), f32(fx["p"])), fx["out"], atol=TOL, what="layer out")
+    assert_close(layer.attention_weights(f32(fx["p"]), causal=False), fx["attn_weights_derived"], atol=TOL, what="A")
+    assert_close(layer(f32(fx["x"]), f32(fx["p"]), causal=False), fx["out"], atol=TOL, what="layer out")
     _all_params_named(layer)
 
 
@@ -370,8 +370,8 @@ def test_positional_block_fixture_parity():
         _set(blk.mlp[i].kernel, fx[f"{name}_weight"].T)
         _set(blk.mlp[i].bias, fx[f"{name}_bias"])
     x, p = f32(fx["x"]), f32(fx["p"])
-    assert_close(blk.attn(x, p), fx["attn_out"], atol=TOL, what="attn_out")
-    assert_close(blk(x, p), fx["out"], atol=TOL, what="block out")
+    assert_close(blk.attn(x, p, causal=False), fx["attn_out"], atol=TOL, what="attn_out")
+    assert_close(blk(x, p, causal=False), fx["out"], atol=TOL, what="block out")
 
 
 def test_positional_weights_input_independent_and_affine():
@@ -448,9 +448,34 @@ def test_flow_layer_decode_matches_forward():
     assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(nnx.state(g, nnx.Param)))
     _all_params_named(layer)
     with pytest.raises(ValueError, match="context"):
-        layer(x, causal=True, context=x)
+        layer(x, x[:, :5], causal=True)  # causal cross-attention needs x's length
     with pytest.raises(ValueError, match="mask"):
         layer(x, mask=jnp.ones((2, 9), bool))
+    with pytest.raises(ValueError, match="x must be a floating point"):
+        layer(jnp.ones((2, 9, 8), jnp.int32))
+    # prefill continuing a state == the causal forward
+    y1, st = layer.prefill(x[:, :4], layer.init_state(2))
+    y2, _ = layer.prefill(x[:, 4:], st, 4)
+    assert_close(jnp.concatenate([y1, y2], 1), y, atol=2e-6, what="prefill, prefill == forward")
+
+
+def test_flow_layer_is_multi_head_attention_with_flow():
+    """FlowAttentionLayer (no dropout) computes MultiHeadAttention(transform="flow", use_bias=True):
+    the same mechanism, hence one mixer name ("flow"); causal, non-causal and cross-attention."""
+    layer = FlowAttentionLayer(8, 2, eps=1e-5, clamp=2.0, rngs=_rngs(1))
+    mha = znn.MultiHeadAttention(2, 8, transform="flow", use_bias=True, transform_kwargs={"eps": 1e-5, "clamp": 2.0},
+                                 rngs=_rngs(2))
+    for n in "qkv":
+        _set(getattr(mha, f"{n}_proj"), getattr(layer, f"w{n}")[...])
+        _set(getattr(mha, f"{n}_bias"), rand(ord(n), 2, 4))
+        _set(getattr(layer, f"b{n}"), getattr(mha, f"{n}_bias")[...])
+    _set(mha.o_proj, layer.wo[...])
+    _set(layer.bo, rand(9, 8))
+    _set(mha.o_bias, layer.bo[...])
+    x, c = rand(0, 2, 6, 8), rand(1, 2, 4, 8)
+    for args, causal in (((x,), True), ((x,), False), ((x, c), False)):
+        assert_close(layer(*args, causal=causal), mha(*args, causal=causal), atol=1e-6, what=f"causal={causal}")
+    assert "flow_layer" not in znn.mixer_names()
 
 
 # ============================================================================ NaLaFormer
@@ -475,8 +500,8 @@ def test_nalaformer_module_fixture_parity():
     x = f32(np.transpose(fx["x"], (0, 2, 3, 1)))  # NCHW -> NHWC
     ref = np.transpose(fx["out"], (0, 2, 3, 1))
     # measured: 2.2e-7 (the official float32 path itself is 2.2e-7 from the float64 oracle)
-    assert_close(m(x), ref, atol=TOL, what="NaLa module out")
-    tokens = m(x.reshape(x.shape[0], -1, c), hw=hw)
+    assert_close(m(x, causal=False), ref, atol=TOL, what="NaLa module out")  # the vision module: non-causal
+    tokens = m(x.reshape(x.shape[0], -1, c), hw=hw, causal=False)
     assert_close(tokens.reshape(ref.shape), ref, atol=TOL, what="token layout")
     _all_params_named(m)
 
@@ -500,21 +525,6 @@ def test_nalaformer_causal_decode_and_errors():
 
 
 # ============================================================================ registry, eval_shape
-
-
-@pytest.mark.parametrize("mixer", ["aaren_layer", "flow_layer", "moh", "nalaformer_layer"])
-def test_registered_mixers_decode_in_decoder_lm(mixer):
-    assert mixer in znn.mixer_names()
-    lm = DecoderLM(13, 16, 1, 2, mixers={"module": mixer}, max_len=6, rngs=_rngs())
-    tok = jnp.asarray(np.random.default_rng(0).integers(0, 13, (2, 5)), jnp.int32)
-    logits = nnx.jit(lambda m, x: m(x))(lm, tok)
-    step = nnx.jit(lambda m, x, s: m.decode_step(x, s))
-    st = lm.init_state(2)
-    steps = []
-    for t in range(5):
-        lg, st = step(lm, tok[:, t], st)
-        steps.append(lg)
-    assert_close(jnp.stack(steps, 1), logits, atol=5e-6, what=mixer)
 
 
 @pytest.mark.parametrize("build", [

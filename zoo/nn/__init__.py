@@ -4,6 +4,8 @@ from zoo.nn.aaren import AarenLayer as AarenLayer
 from zoo.nn.attention import MultiHeadAttention as MultiHeadAttention
 from zoo.nn.attention import attention_mixer as attention_mixer
 from zoo.nn.attention import build_mixer as build_mixer
+from zoo.nn.attention import check_mixer_spec as check_mixer_spec
+from zoo.nn.attention import describe_mixer as describe_mixer
 from zoo.nn.attention import get_mixer as get_mixer
 from zoo.nn.attention import mixer_names as mixer_names
 from zoo.nn.attention import register_mixer as register_mixer

@@ -7,11 +7,16 @@ For input ``h [B, T, E]``, per head ``n`` with a learned query ``q_n [head_dim]`
     y_t = concat_n(o_t) W_O + b_O
 
 ``o_t`` is computed by ``zoo.attention.aaren`` with a parallel prefix scan (O(log T) depth) in
-training and by its O(1)-state recurrence when decoding (:meth:`init_state` /
+training and by its O(1)-state recurrence when decoding (:meth:`init_state` / :meth:`prefill` /
 :meth:`decode_step`: state ``(m, u, w)`` per head, constant in T). The query is a parameter
 (Xavier-initialised), not a function of the input, so input dependence enters only through
 the keys and values. No ``1/sqrt(head_dim)`` by default (the learned query absorbs it), as the
 public implementations; ``scale="sqrt"`` uses the Transformer convention.
+
+Mixer ``"aaren_layer"``. It differs from the mixer ``"aaren"`` (``MultiHeadAttention`` with the
+``aaren`` transform), where each token is scored with its *own projected query*
+``s_t = q_t.k_t`` (``q_t = x_t W_Q``): here the query is one learned parameter per head, as in
+the paper.
 
 Paper: Feng, Tung, Hajimirsadeghi, Bengio, Ahmed, "Attention as an RNN" (arXiv 2405.13956).
 """
@@ -26,9 +31,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import zoo.attention as za
-from zoo.attention.common import shape_str
 from zoo.attention.aaren import IMPLS as AAREN_IMPLS
-from zoo.nn.attention import register_mixer
+from zoo.attention.common import check_float, shape_str
+from zoo.nn.attention import check_input, register_mixer
 from zoo.nn.layers import param as _param
 
 Array = jax.Array
@@ -108,15 +113,24 @@ class AarenLayer(nnx.Module):
         skipped by the scan). Aaren is causal: ``causal=False`` raises ValueError."""
         if causal is not True:
             raise ValueError("causal must be True: Aaren is a causal prefix scan (no bidirectional form)")
-        if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must be [batch, length, d_model={self.d_model}]; got {shape_str(x)}")
+        check_input("x", x, self.d_model)
         k, v = self._kv(x)
         o = za.aaren(self.query[...].astype(k.dtype), k, v, causal=True, scale=self.scale, mask=mask, impl=self.impl)
         return self._out(o, x.dtype)
 
     def init_state(self, batch: int, max_len: int | None = None) -> za.AarenState:
         """The empty prefix (constant size: ``max_len`` is not needed)."""
-        return za.aaren_init_state(batch, self.num_heads, value_dim=self.head_dim)
+        return za.get("aaren").init_state(batch, self.num_heads, self.head_dim)
+
+    def prefill(self, x: Array, state: za.AarenState, position: Any = 0) -> tuple[Array, za.AarenState]:
+        """A prompt ``x [B, T, d_model]`` in one parallel scan from ``state`` ->
+        ``(y [B, T, d_model], state)``, equal to ``T`` calls of :meth:`decode_step` (``position``
+        is unused: Aaren has no positions)."""
+        check_input("x", x, self.d_model)
+        k, v = self._kv(x)
+        o, state = za.get("aaren").prefill(state, self.query[...].astype(k.dtype), k, v, scale=self.scale,
+                                           impl=self.impl)
+        return self._out(o, x.dtype), state
 
     def decode_step(self, x_t: Array, state: za.AarenState, position: Any = None) -> tuple[Array, za.AarenState]:
         """One token ``x_t [B, d_model]`` (or ``[B, 1, d_model]``) -> ``(y_t, state)``; equals the
@@ -127,18 +141,23 @@ class AarenLayer(nnx.Module):
             raise ValueError(
                 f"x_t must be [batch, d_model={self.d_model}] or [batch, 1, d_model]; got {shape_str(x_t)}"
             )
+        check_float("x_t", x)
         k, v = self._kv(x)
-        o, state = za.aaren_step(state, self.query[...].astype(k.dtype), k, v, scale=self.scale)
+        o, state = za.get("aaren").step(state, self.query[...].astype(k.dtype), k, v, scale=self.scale)
         y = self._out(o, x_t.dtype)
         return (y if squeeze else y[:, None]), state
 
 
 def aaren_mixer(
-    d_model: int, rngs: nnx.Rngs, *, num_heads: int, head_dim: int | None = None, dtype: Any = None,
+    d_model: int, *, rngs: nnx.Rngs, num_heads: int, head_dim: int | None = None, dtype: Any = None,
     param_dtype: Any = jnp.float32, **kw: Any,
 ) -> AarenLayer:
     """``zoo.nn.register_mixer`` factory of :class:`AarenLayer` (mixer ``"aaren_layer"``)."""
     return AarenLayer(d_model, num_heads, head_dim=head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kw)
 
 
-register_mixer("aaren_layer", aaren_mixer)
+register_mixer(
+    "aaren_layer", aaren_mixer,
+    description="AarenLayer: Aaren with one learned query per head, as the paper (the mixer 'aaren' scores "
+                "each token with its own projected query inside MultiHeadAttention)",
+)

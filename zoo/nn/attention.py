@@ -2,18 +2,52 @@
 
 :class:`MultiHeadAttention` owns the parameters (q/k/v/o projections, optional biases, q/k
 RMS norms, output gate, per-head sink logits, learnable feature maps) and calls a pure transform
-from :mod:`zoo.attention`: the parallel form for training and the transform's
-``init_state`` / ``step`` for decoding, with rotary embeddings at absolute positions in both.
+from :mod:`zoo.attention` through its :class:`~zoo.attention.Transform` record: the parallel form
+for training, ``prefill`` for a prompt and ``step`` for one token, with rotary embeddings at
+absolute positions in all three. Its arguments follow ``flax.nnx.MultiHeadAttention``
+(``MultiHeadAttention(num_heads, in_features, qkv_features, out_features, num_kv_heads,
+in_kv_features, ...)``; ``m(x, context)`` is cross-attention as nnx's ``m(inputs_q, inputs_k)``).
 
-The mixer registry lets models address token mixers by name: ``register_mixer(name, factory)``
-with ``factory(d_model, rngs, **kw) -> nnx.Module`` whose module offers
-``__call__(x, *, causal=True)``, ``init_state(batch, max_len)`` and
-``decode_step(x_t, state, position) -> (y_t, state)``. ``"attention"`` (this module) is
-registered; :func:`build_mixer` turns a model's per-layer mixer spec into a module.
+Mixer modules (token mixers of the models) offer, one contract for all of them:
+
+- ``__call__(x [B, T, E], *, causal=True) -> [B, T, E]`` (causal by default: decoder mixers);
+- ``init_state(batch, max_len)``: an empty decoding state;
+- ``prefill(x [B, T, E], state, position=0) -> (y [B, T, E], state)``: a prompt in one parallel
+  call, equal to ``T`` calls of ``decode_step`` at positions ``position .. position + T - 1``;
+- ``decode_step(x_t [B, E], state, position) -> (y_t [B, E], state)``.
+
+The mixer registry: one namespace of names, one constructor signature
+``factory(d_model, *, rngs, **kw)``, one check (:func:`check_mixer_spec`, used by
+:func:`build_mixer` and by ``zoo.run.validate``). Naming policy:
+
+1. Every ``zoo.attention`` transform name is a mixer name and always means
+   ``MultiHeadAttention(transform=name)``: as a string (``"flow"``), as ``{"transform": name, **kw}``
+   and as ``{"module": name, **kw}``. ``{"module": "attention", "transform": ..., **kw}`` is the
+   generic form (``kw``: :class:`MultiHeadAttention` arguments or transform options).
+2. A layer class is registered under one name (:func:`register_mixer`), never a transform name,
+   with a description saying how it differs from the transform inside ``MultiHeadAttention``.
+   Variants of one class are keyword arguments, not extra names
+   (``{"module": "miras_memory", "preset": "moneta"}``).
+3. A layer that computes what ``MultiHeadAttention`` computes with some transform and arguments
+   is not registered (``FlowAttentionLayer`` is ``MultiHeadAttention(transform="flow",
+   use_bias=True)``: use ``"flow"``), so no mechanism has two names.
+
+:func:`mixer_names` lists every valid name (``kind="transform"`` or ``"layer"`` for one kind) and
+:func:`describe_mixer` says what a name builds.
+
+KV-cache capacity (softmax family): a cache holds ``max_len`` tokens (``init_state(batch,
+max_len)``). With full attention, a token past it would silently evict the oldest one, so
+:meth:`MultiHeadAttention.prefill` / :meth:`~MultiHeadAttention.decode_step` raise a ValueError
+when that happens on concrete values (eager calls: the cache length, the position and the
+prompt length are known; under ``jax.jit`` they are traced and cannot be checked here, which is
+why ``zoo.models.generate`` checks its ``max_len`` up front). A sliding ``window`` (a ring buffer
+by design) and StreamingLLM sinks (``num_sink_tokens > 0``) evict on purpose and are not checked.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,17 +59,14 @@ from flax import nnx
 
 import zoo.attention as za
 from zoo.attention import feature_maps as fmaps
+from zoo.attention.common import as_int, check_float, concrete, shape_str
 from zoo.nn.diagnostics import attention_entropy, attention_weights, capturing, sink_scores
 from zoo.nn.layers import RMSNorm, apply_rope, axes, cast, normal_init, param
 
-# Transforms whose output is not a weighted sum of values (test-time memories): no attention
-# weights to report under ``nnx.capture``.
-NOT_LINEAR_IN_V = frozenset({"titans", "miras", "moneta", "yaad", "memora"})
-
 Array = jax.Array
 
-# Options of a parallel form that a one-token step never takes.
-_PARALLEL_ONLY = frozenset({"chunk_size", "impl", "form", "initial_state", "return_state", "mask", "causal"})
+# Options of a parallel form that the module supplies itself (never in ``transform_kwargs``).
+_MODULE_OPTIONS = frozenset({"causal", "mask", "initial_state", "return_state"})
 
 
 class Constant(nnx.Variable):
@@ -61,22 +92,6 @@ class _Static:
         return f"_Static({self.value!r})"
 
 
-def _params_of(fn: Callable) -> tuple[set[str], bool]:
-    """Named parameters of ``fn`` and whether it takes ``**kwargs``."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return set(), True
-    names = {p.name for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD}
-    var = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
-    return names, var
-
-
-def _accepts(fn: Callable, name: str) -> bool:
-    names, var = _params_of(fn)
-    return name in names or var
-
-
 def resolve_transform(transform: str | za.Transform | Callable) -> za.Transform:
     """A registry name, a :class:`zoo.attention.Transform` or a callable ``fn(q, k, v, causal=...,
     **kw)`` (wrapped as a Transform without decoding forms) -> Transform."""
@@ -96,29 +111,90 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray))
 
 
+def _positive(name: str, value: Any, default: int | None = None) -> int:
+    """``value`` (Python or NumPy int >= 1) as int; ``default`` when None."""
+    if value is None and default is not None:
+        return default
+    return as_int(name, value, allow_none=False)
+
+
+def check_input(name: str, x: Any, features: int, *, rank: int = 3) -> None:
+    """``x`` must be a float array ``[batch, length, features]`` (rank 3) or ``[batch, features]``
+    (rank 2, one token) with ``length >= 1``; ValueError naming ``name`` otherwise."""
+    layout = f"[batch, length, {features}]" if rank == 3 else f"[batch, {features}] (one token)"
+    if getattr(x, "ndim", None) != rank or x.shape[-1] != features:
+        raise ValueError(f"{name} must be {layout}; got shape {getattr(x, 'shape', type(x).__name__)}")
+    check_float(name, x)
+    if rank == 3 and x.shape[1] == 0:
+        raise ValueError(f"{name} must hold at least one token (length >= 1); got shape {x.shape}")
+
+
+def positions_from(position: Any, length: int, what: str = "position") -> Array:
+    """Absolute positions ``position + [0, length)``: ``[length]`` for a scalar ``position``,
+    ``[batch, length]`` for ``position [batch]`` (int32). Float positions are a ValueError."""
+    pos = jnp.asarray(position)
+    if not jnp.issubdtype(pos.dtype, jnp.integer) or pos.ndim > 1:
+        raise ValueError(f"{what} must be an integer scalar or [batch] array; got {pos.dtype} {shape_str(pos)}")
+    pos = pos.astype(jnp.int32)
+    return pos[..., None] + jnp.arange(length, dtype=jnp.int32)
+
+
+def check_kv_capacity(state: Any, new_tokens: int, position: Any, *, streaming: bool, what: str) -> None:
+    """Raises a ValueError when ``new_tokens`` more tokens would overflow a full-attention KV cache.
+
+    ``state``: a :class:`zoo.attention.KVCache` (other states pass: constant size). ``streaming``:
+    the cache evicts on purpose (sliding window, StreamingLLM sinks). Checked: the prompt length
+    against the capacity (always known), the cache's token count and the absolute ``position``
+    when they are concrete (not traced under ``jax.jit``).
+    """
+    if streaming or not isinstance(state, za.KVCache):
+        return
+    cap = int(state.pos.shape[0])
+    hint = ("init_state with a larger max_len, or use a sliding window (window=...) or StreamingLLM "
+            "sinks (num_sink_tokens) to evict on purpose")
+    if new_tokens > cap:
+        raise ValueError(f"{what}: {new_tokens} tokens exceed the KV cache of max_len={cap} tokens; {hint}")
+    for label, value in (("the cache already holds", state.length), ("position", position)):
+        a = concrete(value)
+        if a is not None and a.size and int(np.max(a)) + new_tokens > cap:
+            raise ValueError(
+                f"{what}: {label} {int(np.max(a))} + {new_tokens} new tokens > max_len={cap}: full attention "
+                f"would silently evict the oldest tokens; {hint}"
+            )
+
+
 class MultiHeadAttention(nnx.Module):
     """Multi-head (grouped-query) attention whose core is a ``zoo.attention`` transform.
 
-    ``q = x W_q [B, T, H, D]``, ``k = x W_k``, ``v = x W_v [B, T, Hkv, D]`` (optionally RMS-normed
-    per head, "QK-norm", and rotated by RoPE at absolute positions), ``y = transform(q, k, v)``,
-    optionally gated ``y * sigmoid(x W_g)`` (gated attention, Qiu et al. 2025), and
-    ``out = y W_o [B, T, E]``.
+    ``q = x W_q [B, T, H, D]``, ``k = c W_k``, ``v = c W_v [B, S, Hkv, D]`` with ``c = x``
+    (self-attention) or ``c = context`` (cross-attention), optionally RMS-normed per head
+    ("QK-norm") and rotated by RoPE at absolute positions, ``y = transform(q, k, v)``, optionally
+    gated ``y * sigmoid(x W_g)`` (gated attention, Qiu et al. 2025), and ``out = y W_o [B, T, E_out]``.
 
-    Args:
-      in_features: model width ``E``.
-      num_heads: query heads ``H``; num_kv_heads: k/v heads (default ``H``; must divide ``H``).
+    Arguments in ``flax.nnx.MultiHeadAttention``'s order:
+
+      num_heads: query heads ``H``.
+      in_features: width ``E`` of ``x``.
+      qkv_features: ``H * D`` (default ``in_features``; or give ``head_dim``).
+      out_features: output width (default ``in_features``).
+      num_kv_heads: k/v heads (default ``H``; must divide ``H``: grouped-query attention).
+      in_kv_features: width of ``context`` (default ``in_features``).
+
+    Keyword arguments:
+
       transform: a ``zoo.attention`` registry name, a ``Transform`` or a callable
         ``fn(q, k, v, causal=..., **kw)`` (no decoding for a bare callable).
-      transform_kwargs: options passed to both the parallel form and ``step`` (e.g. ``window``,
-        ``feature_map``, ``decay``); options only a parallel form takes (``chunk_size``,
-        ``impl``, ``form``) are not passed to ``step``. Array options are kept as non-trainable
-        :class:`Constant` variables.
-      head_dim: ``D`` (default ``E // H``, which then must divide).
+      transform_kwargs: options of the transform (e.g. ``window``, ``feature_map``, ``decay``),
+        checked here against :attr:`Transform.option_names` (a typo is a ValueError now, not at
+        the first call). Passed to every form (the registry drops those a form does not take).
+        Array options are kept as non-trainable :class:`Constant` variables.
+      head_dim: ``D`` (default ``qkv_features // H``).
       qk_norm: RMS-normalise q and k over ``head_dim`` (learned scale) before RoPE.
-      rope: ``True`` (base 10000) or a float base: rotary embeddings on q and k.
+      rope: ``True`` (base ``rope_theta``) or a float base: rotary embeddings on q and k.
       output_gate: sigmoid gate on the attention output per head and channel.
       use_bias: biases on the projections.
-      sink: a learned per-head sink logit (zeros at init) passed as ``sink_logit`` (softmax family).
+      sink: a learned per-head sink logit (zeros at init) passed as ``sink_logit`` (transforms
+        whose options include it: the softmax family).
       tie_feature_map: with a learnable feature map (``feature_map="hedgehog"``), share one map
         between q and k instead of one each.
       dtype: compute dtype (default: the input's); param_dtype: parameter dtype.
@@ -126,23 +202,34 @@ class MultiHeadAttention(nnx.Module):
     Learnable feature maps: when the options name a learnable map (``hedgehog``,
     ``hedgehog_lolcats``) and give no ``feature_map_params``, per-head identity-initialised weights
     ``[H, D, D]`` and biases ``[H, D]`` (``feature_maps.hedgehog_init``) are created as
-    ``nnx.Param`` s; :meth:`feature_map_params` returns what is passed to the transform
-    (override it to provide other parameters).
+    ``nnx.Param`` s; :meth:`feature_map_params` returns what is passed to the transform.
 
-    Decoding: :meth:`init_state` and :meth:`decode_step`. The softmax family decodes on a KV cache
-    (``capacity = max_len``, or ``window`` for a sliding window: a ring buffer); note that
-    ``sigmoid``'s default bias is ``-log(length)`` in the parallel form and ``-log(capacity)`` in
-    ``step`` (pass ``transform_kwargs={"bias": b}`` to fix it).
+    Decoding: :meth:`init_state`, :meth:`prefill` and :meth:`decode_step` (causal, self-attention).
+    The softmax family decodes on a KV cache of ``max_len`` tokens (``window`` slots, a ring
+    buffer, for a sliding window; overflowing a full-attention cache is a ValueError on concrete
+    values, see the module docstring). Options listed in ``Transform.step_exact`` must be given
+    explicitly for decoding to equal the parallel form (``sigmoid``'s ``bias``, whose parallel
+    default ``-log(k_length)`` depends on the key count): :meth:`init_state` raises a ValueError
+    asking for them (e.g. ``transform_kwargs={"bias": -math.log(max_len)}``).
+
+    Cross-attention ``m(x, context)``: keys and values from ``context [B, S, in_kv_features]``.
+    Non-causal for any transform that is not causal-only and takes keys of another length
+    (the softmax family, the linear family, flow, positional); ``causal=True`` with a context is
+    the aligned pattern (query ``i`` sees context positions ``j <= i``), which needs ``S == T``
+    for every transform (none defines a causal mask between sequences of different lengths).
     """
 
     def __init__(
         self,
-        in_features: int,
         num_heads: int,
+        in_features: int,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        num_kv_heads: int | None = None,
+        in_kv_features: int | None = None,
         *,
         transform: str | za.Transform | Callable = "softmax",
         transform_kwargs: Mapping[str, Any] | None = None,
-        num_kv_heads: int | None = None,
         head_dim: int | None = None,
         qk_norm: bool = False,
         rope: bool | float = False,
@@ -155,35 +242,53 @@ class MultiHeadAttention(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        for name, n in (("in_features", in_features), ("num_heads", num_heads)):
-            if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-                raise ValueError(f"{name} must be a positive int; got {n!r}")
-        if head_dim is None:
-            if in_features % num_heads:
+        num_heads = _positive("num_heads", num_heads)
+        in_features = _positive("in_features", in_features)
+        out_features = _positive("out_features", out_features, in_features)
+        in_kv_features = _positive("in_kv_features", in_kv_features, in_features)
+        if head_dim is not None:
+            head_dim = _positive("head_dim", head_dim)
+            if qkv_features is not None and _positive("qkv_features", qkv_features) != num_heads * head_dim:
                 raise ValueError(
-                    f"num_heads ({num_heads}) must divide in_features ({in_features}) when head_dim is not given"
+                    f"qkv_features ({qkv_features}) must equal num_heads * head_dim = {num_heads * head_dim}"
                 )
-            head_dim = in_features // num_heads
-        elif not isinstance(head_dim, int) or head_dim <= 0:
-            raise ValueError(f"head_dim must be a positive int; got {head_dim!r}")
+        else:
+            qkv = _positive("qkv_features", qkv_features, in_features)
+            if qkv % num_heads:
+                raise ValueError(
+                    f"num_heads ({num_heads}) must divide qkv_features ({qkv}; default in_features) "
+                    "when head_dim is not given"
+                )
+            head_dim = qkv // num_heads
         kvh = num_heads if num_kv_heads is None else num_kv_heads
-        if not isinstance(kvh, int) or kvh <= 0 or num_heads % kvh:
+        if not isinstance(kvh, (int, np.integer)) or isinstance(kvh, bool) or kvh <= 0 or num_heads % kvh:
             raise ValueError(f"num_kv_heads ({num_kv_heads!r}) must be a positive int dividing num_heads ({num_heads})")
+        kvh = int(kvh)
         if rope is not False and rope is not None and not isinstance(rope, bool):
             rope_theta, rope = float(rope), True
         if rope and head_dim % 2:
             raise ValueError(f"rope needs an even head_dim; got {head_dim}")
 
         t = resolve_transform(transform)
+        if not t.gqa and kvh != num_heads:
+            raise ValueError(f"num_kv_heads: transform {t.name!r} does not support grouped-query attention")
+        user = dict(transform_kwargs or {})
+        managed = sorted(set(user) & _MODULE_OPTIONS)
+        if managed:
+            raise ValueError(
+                f"transform_kwargs must not set {', '.join(map(repr, managed))}: the module passes it "
+                "(causal and mask are arguments of __call__, the state of init_state/prefill)"
+            )
+        t.check_options(user, what="transform_kwargs")
+        if sink and "sink_logit" not in t.option_names:
+            raise ValueError(f"sink=True needs a transform that takes sink_logit (softmax family); got {t.name!r}")
+        kw = {**t.defaults, **user}
         self._transform_ref: str | _Static = transform if isinstance(transform, str) else _Static(t)
         self.transform_name = t.name
-        kw = {**t.defaults, **dict(transform_kwargs or {})}
-        if "causal" in kw:
-            raise ValueError("transform_kwargs must not set 'causal' (it is an argument of __call__)")
-        if sink and not _accepts(t.fn, "sink_logit"):
-            raise ValueError(f"sink=True needs a transform that takes sink_logit (softmax family); got {t.name!r}")
+        self._explicit_options = tuple(sorted(user))
 
         self.in_features, self.num_heads, self.num_kv_heads, self.head_dim = in_features, num_heads, kvh, head_dim
+        self.out_features, self.in_kv_features = out_features, in_kv_features
         self.qk_norm, self.rope, self.rope_theta = qk_norm, bool(rope), float(rope_theta)
         self.output_gate, self.use_bias, self.sink, self.dtype = output_gate, use_bias, sink, dtype
         self.tie_feature_map = tie_feature_map
@@ -202,17 +307,17 @@ class MultiHeadAttention(nnx.Module):
             static.append((k, v))
         self._static_options = tuple(static)
 
-        e, h, d, pd = in_features, num_heads, head_dim, param_dtype
+        e, ekv, h, d, pd = in_features, in_kv_features, num_heads, head_dim, param_dtype
         self.q_proj = param(rngs, normal_init(e), (e, h, d), ("embed", "heads", "head_dim"), pd)
-        self.k_proj = param(rngs, normal_init(e), (e, kvh, d), ("embed", "kv_heads", "head_dim"), pd)
-        self.v_proj = param(rngs, normal_init(e), (e, kvh, d), ("embed", "kv_heads", "head_dim"), pd)
-        self.o_proj = param(rngs, normal_init(h * d), (h, d, e), ("heads", "head_dim", "embed"), pd)
+        self.k_proj = param(rngs, normal_init(ekv), (ekv, kvh, d), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = param(rngs, normal_init(ekv), (ekv, kvh, d), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = param(rngs, normal_init(h * d), (h, d, out_features), ("heads", "head_dim", "embed"), pd)
         if use_bias:
             zeros = nnx.initializers.zeros
             self.q_bias = param(rngs, zeros, (h, d), ("heads", "head_dim"), pd)
             self.k_bias = param(rngs, zeros, (kvh, d), ("kv_heads", "head_dim"), pd)
             self.v_bias = param(rngs, zeros, (kvh, d), ("kv_heads", "head_dim"), pd)
-            self.o_bias = param(rngs, zeros, (e,), ("embed",), pd)
+            self.o_bias = param(rngs, zeros, (out_features,), ("embed",), pd)
         if output_gate:
             self.gate_proj = param(rngs, normal_init(e), (e, h, d), ("embed", "heads", "head_dim"), pd)
         if qk_norm:
@@ -252,7 +357,7 @@ class MultiHeadAttention(nnx.Module):
         return pq, {"weight": self.fm_k_weight[...], "bias": self.fm_k_bias[...]}
 
     def options(self, *, for_step: bool = False) -> dict[str, Any]:
-        """The keyword options of the transform call (``for_step``: of its ``step``)."""
+        """The keyword options of the transform call (``for_step``: those its ``step`` takes)."""
         opts = {k: (v.value if isinstance(v, _Static) else v) for k, v in self._static_options}
         opts.update({k: v[...] for k, v in self.transform_arrays.items() if not k.startswith("__")})
         fmp = self.feature_map_params()
@@ -264,26 +369,37 @@ class MultiHeadAttention(nnx.Module):
             opts = self.transform.step_options(opts)
         return opts
 
-    def _project(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
-        """``x [B, T, E]`` -> q ``[B, T, H, D]``, k, v ``[B, T, Hkv, D]`` (norms and RoPE applied)."""
+    def _streaming(self) -> bool:
+        """Whether the KV cache evicts on purpose (a sliding window or StreamingLLM sinks)."""
+        opts = dict(self._static_options)
+        return opts.get("window") is not None or bool(opts.get("num_sink_tokens") or 0)
+
+    def _heads(self, x: Array, w: nnx.Param, b: str) -> Array:
         dt = self.dtype or x.dtype
-        x = x.astype(dt)
-        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dt))
-        if self.use_bias:
-            q = q + self.q_bias[...].astype(dt)
-            k = k + self.k_bias[...].astype(dt)
-            v = v + self.v_bias[...].astype(dt)
+        y = jnp.einsum("bte,ehd->bthd", x.astype(dt), w[...].astype(dt))
+        return y + getattr(self, b)[...].astype(dt) if self.use_bias else y
+
+    def _query(self, x: Array, positions: Array) -> Array:
+        """``x [B, T, E]`` -> ``q [B, T, H, D]`` (norm and RoPE applied)."""
+        q = self._heads(x, self.q_proj, "q_bias")
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope:
-            q = apply_rope(q, positions, self.rope_theta)
-            k = apply_rope(k, positions, self.rope_theta)
-        return q, k, v
+            q = self.q_norm(q)
+        return apply_rope(q, positions, self.rope_theta) if self.rope else q
+
+    def _keys_values(self, c: Array, positions: Array) -> tuple[Array, Array]:
+        """``c [B, S, E_kv]`` -> ``k, v [B, S, Hkv, D]`` (norm and RoPE on k)."""
+        k = self._heads(c, self.k_proj, "k_bias")
+        v = self._heads(c, self.v_proj, "v_bias")
+        if self.qk_norm:
+            k = self.k_norm(k)
+        return (apply_rope(k, positions, self.rope_theta) if self.rope else k), v
+
+    def _project(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """Self-attention projections: q ``[B, T, H, D]``, k, v ``[B, T, Hkv, D]``."""
+        return (self._query(x, positions), *self._keys_values(x, positions))
 
     def _output(self, x: Array, y: Array) -> Array:
-        """Gate and output projection: ``y [B, T, H, D]`` -> ``[B, T, E]``."""
+        """Gate and output projection: ``y [B, T, H, D]`` -> ``[B, T, E_out]``."""
         dt = self.dtype or x.dtype
         y = y.astype(dt)
         if self.output_gate:
@@ -292,157 +408,311 @@ class MultiHeadAttention(nnx.Module):
         out = jnp.einsum("bthd,hde->bte", y, self.o_proj[...].astype(dt))
         if self.use_bias:
             out = out + self.o_bias[...].astype(dt)
-        return out
+        return cast(out, self.dtype)
 
     # ------------------------------------------------------------------ forms
 
-    def __call__(self, x: Array, *, causal: bool = True, mask: Array | None = None) -> Array:
-        """Parallel form: ``x [B, T, E]`` -> ``[B, T, E]``.
+    def __call__(
+        self, x: Array, context: Array | None = None, *, causal: bool = True, mask: Array | None = None,
+    ) -> Array:
+        """Parallel form: ``x [B, T, E]`` -> ``[B, T, E_out]``.
 
-        ``mask``: bool key-padding mask ``[B, T]`` (True = real token) or a mask broadcastable to
-        ``[B, H, T, T]`` (True = visible), for transforms that take ``mask``.
+        ``context [B, S, E_kv]``: cross-attention (keys/values from ``context``; with
+        ``causal=True`` query ``i`` sees context positions ``j <= i``, which needs ``S == T``).
+        ``mask``: bool key-padding mask ``[B, S]`` (True = real token) or a mask broadcastable
+        to ``[B, H, T, S]`` (True = visible), for transforms that take ``mask``.
         """
-        if x.ndim != 3 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must be [batch, length, {self.in_features}]; got shape {x.shape}")
+        check_input("x", x, self.in_features)
         t = self.transform
-        if t.causal_only and not causal:
-            raise ValueError(f"transform {t.name!r} is causal only; got causal=False")
+        t.check_causal(causal)
+        positions = jnp.arange(x.shape[1])
+        if context is None:
+            if self.in_kv_features != self.in_features:
+                raise ValueError(
+                    f"context: in_kv_features={self.in_kv_features} != in_features={self.in_features}, "
+                    "so this module needs a context (cross-attention)"
+                )
+            q, k, v = self._project(x, positions)
+        else:
+            check_input("context", context, self.in_kv_features)
+            if context.shape[0] != x.shape[0]:
+                raise ValueError(f"context batch {context.shape[0]} != x batch {x.shape[0]}")
+            if causal and context.shape[1] != x.shape[1]:
+                raise ValueError(
+                    f"context: causal cross-attention (query i sees context positions j <= i) needs the context "
+                    f"length ({context.shape[1]}) to equal x's ({x.shape[1]}); pass causal=False for full "
+                    "cross-attention"
+                )
+            q = self._query(x, positions)
+            k, v = self._keys_values(context, jnp.arange(context.shape[1]))
         opts = self.options()
         if mask is not None:
-            if not _accepts(t.fn, "mask"):
+            if "mask" not in t.option_names:
                 raise ValueError(f"mask: transform {t.name!r} takes no mask")
             mask = jnp.asarray(mask, bool)
             opts["mask"] = mask[:, None, None, :] if mask.ndim == 2 else mask
-        q, k, v = self._project(x, jnp.arange(x.shape[1]))
         y = t.fn(q, k, v, causal=causal, **opts)
-        if capturing(self) and t.name not in NOT_LINEAR_IN_V:
+        if capturing(self) and t.linear_in_v:
             # Diagnostics, only under ``nnx.capture(model, nnx.Intermediate)``: outputs unchanged.
             w = attention_weights(lambda q, k, v: t.fn(q, k, v, causal=causal, **opts), q, k)
             self.sow(nnx.Intermediate, "attention_entropy", attention_entropy(w))
-            if w.shape[-1] == w.shape[-2]:
+            if context is None:
                 self.sow(nnx.Intermediate, "sink_scores", sink_scores(w))
-        return cast(self._output(x, y), self.dtype)
+        return self._output(x, y)
 
     def init_state(self, batch: int, max_len: int, dtype: Any = None) -> Any:
-        """Empty decoding state of the transform for ``batch`` sequences of up to ``max_len`` tokens.
+        """The transform's empty decoding state for ``batch`` sequences of up to ``max_len`` tokens
+        (``Transform.init_state``; a KV cache holds ``max_len`` tokens, or ``window`` for a sliding
+        window) in ``dtype`` (default: the compute dtype, else float32).
 
-        Softmax family (``init_state`` with a ``capacity``): a ``KVCache`` of ``max_len`` slots (or
-        ``window`` slots, a ring buffer, for a sliding window) in ``dtype`` (default: the compute
-        dtype, else float32). Others: ``init_state(batch, heads, head_dim, value_dim, **opts)``
-        with the options its signature names (``feature_map``, ``feature_map_params``, ...).
-        """
+        Raises a ValueError when an option of ``Transform.step_exact`` was not given explicitly
+        (decoding would differ from the parallel form)."""
         t = self.transform
+        missing = sorted(set(t.step_exact) - set(self._explicit_options))
+        if missing:
+            example = " (e.g. transform_kwargs={'bias': -math.log(max_len)})" if missing == ["bias"] else ""
+            raise ValueError(
+                f"transform {t.name!r} decodes exactly as its parallel form only when "
+                f"{', '.join(map(repr, missing))} is given explicitly (its parallel default depends on the "
+                f"key count): set it in transform_kwargs{example}"
+            )
         dt = dtype or self.dtype or jnp.float32
         return t.init_state(batch, self.num_heads, self.head_dim, self.head_dim, kv_heads=self.num_kv_heads,
                             max_len=max_len, dtype=dt, **self.options())
 
-    def decode_step(self, x_t: Array, state: Any, position: Array | int) -> tuple[Array, Any]:
-        """One token: ``x_t [B, E]`` at absolute ``position`` (scalar or ``[B]``) ->
-        ``(y_t [B, E], state)``; equal to the causal parallel form at that position."""
+    def prefill(self, x: Array, state: Any, position: Any = 0) -> tuple[Array, Any]:
+        """A prompt ``x [B, T, E]`` at absolute positions ``position .. position + T - 1``
+        (``position`` a scalar or ``[B]``) in one parallel call of ``Transform.prefill``:
+        ``(y [B, T, E_out], state)``, equal to ``T`` calls of :meth:`decode_step`."""
+        check_input("x", x, self.in_features)
         t = self.transform
-        pos = jnp.asarray(position, jnp.int32)
-        pos = pos[None] if pos.ndim == 0 else pos[:, None]
+        positions = positions_from(position, x.shape[1])
+        check_kv_capacity(state, x.shape[1], position, streaming=self._streaming(), what="prefill")
+        q, k, v = self._project(x, positions)
+        y, state = t.prefill(state, q, k, v, **self.options())
+        return self._output(x, y), state
+
+    def decode_step(self, x_t: Array, state: Any, position: Any) -> tuple[Array, Any]:
+        """One token: ``x_t [B, E]`` at absolute ``position`` (scalar or ``[B]``) ->
+        ``(y_t [B, E_out], state)``; equal to the causal parallel form at that position."""
+        check_input("x_t", x_t, self.in_features, rank=2)
+        t = self.transform
+        positions = positions_from(position, 1)
+        check_kv_capacity(state, 1, position, streaming=self._streaming(), what="decode_step")
         x = x_t[:, None]
-        q, k, v = self._project(x, pos)
+        q, k, v = self._project(x, positions)
         y, state = t.step(state, q[:, 0], k[:, 0], v[:, 0], **self.options())
-        return cast(self._output(x, y[:, None]), self.dtype)[:, 0], state
+        return self._output(x, y[:, None])[:, 0], state
 
 
 # ----------------------------------------------------------------------------- mixer registry
 
-_MIXERS: dict[str, Callable[..., nnx.Module]] = {}
+# Model-level defaults that build_mixer passes to a factory naming them.
+MODEL_DEFAULTS = ("num_heads", "num_kv_heads", "head_dim", "rope", "dtype", "param_dtype")
+# MultiHeadAttention arguments a mixer spec may set (every other key is a transform option).
+MHA_ARGUMENTS = frozenset({
+    "num_heads", "qkv_features", "out_features", "num_kv_heads", "in_kv_features", "transform", "transform_kwargs",
+    "head_dim", "qk_norm", "rope", "rope_theta", "output_gate", "use_bias", "sink", "tie_feature_map",
+    "dtype", "param_dtype",
+})
 
 
-def register_mixer(name: str, factory: Callable[..., nnx.Module], *, overwrite: bool = False) -> Callable:
-    """Registers a token-mixer factory ``factory(d_model, rngs, **kw) -> nnx.Module``.
+@dataclasses.dataclass(frozen=True)
+class MixerEntry:
+    """A registered layer mixer: its factory, the keywords it names (read once, at registration),
+    whether it takes ``**kwargs`` and a one-line description."""
 
-    The module must offer ``__call__(x [B, T, E], *, causal=True) -> [B, T, E]``,
-    ``init_state(batch, max_len)`` and ``decode_step(x_t [B, E], state, position) -> (y_t, state)``.
-    Model-level defaults (``num_heads``, ``num_kv_heads``, ``head_dim``, ``rope``, ``dtype``,
-    ``param_dtype``) are passed when the factory names them as parameters.
+    name: str
+    factory: Callable[..., nnx.Module]
+    keywords: frozenset[str]
+    any_keyword: bool
+    description: str
+
+
+_MIXERS: dict[str, MixerEntry] = {}
+
+
+def _keywords(factory: Callable) -> tuple[frozenset[str], bool]:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset(), True
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return (frozenset(p.name for p in params if p.kind in kinds),
+            any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params))
+
+
+def register_mixer(
+    name: str, factory: Callable[..., nnx.Module], *, description: str = "", overwrite: bool = False,
+) -> Callable:
+    """Registers a layer mixer ``factory(d_model, *, rngs, **kw) -> nnx.Module`` under ``name``.
+
+    The module offers the mixer contract (module docstring): ``__call__(x, *, causal=True)``,
+    ``init_state(batch, max_len)``, ``prefill(x, state, position=0)`` and
+    ``decode_step(x_t, state, position)``. ``name`` must not be a ``zoo.attention`` transform
+    name (those always mean :class:`MultiHeadAttention`). Model-level defaults
+    (:data:`MODEL_DEFAULTS`) are passed when the factory names them as parameters.
+    ``description``: what the layer is and how it differs from the transform of the same
+    mechanism inside ``MultiHeadAttention`` (default: the factory's docstring's first line).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"mixer name must be a non-empty string; got {name!r}")
+    if name in za.names():
+        raise ValueError(
+            f"mixer name {name!r} is a zoo.attention transform name, which always means "
+            f"MultiHeadAttention(transform={name!r}); register the layer under another name"
+        )
     if name in _MIXERS and not overwrite:
         raise ValueError(f"mixer {name!r} is already registered")
-    _MIXERS[name] = factory
+    if not callable(factory):
+        raise ValueError(f"factory must be callable; got {factory!r}")
+    keywords, any_kw = _keywords(factory)
+    if "rngs" not in keywords and not any_kw:
+        raise ValueError(f"factory for mixer {name!r} must take rngs as a keyword: factory(d_model, *, rngs, **kw)")
+    if not description:
+        description = (inspect.getdoc(factory) or "").strip().split("\n")[0]
+    _MIXERS[name] = MixerEntry(name, factory, keywords, any_kw, description)
     return factory
 
 
-def mixer_names() -> list[str]:
-    """Sorted names of the registered mixer modules."""
-    return sorted(_MIXERS)
+MIXER_KINDS = ("transform", "layer")
 
 
-def get_mixer(name: str) -> Callable[..., nnx.Module]:
-    """The factory registered as ``name``."""
+def mixer_names(kind: str | None = None) -> list[str]:
+    """Sorted names a mixer spec may use: every ``zoo.attention`` transform name
+    (``kind="transform"``: ``MultiHeadAttention(transform=name)``) and every registered layer
+    (``kind="layer"``, ``"attention"`` included); both kinds when ``kind`` is None."""
+    if kind is not None and kind not in MIXER_KINDS:
+        raise ValueError(f"kind must be None or one of {MIXER_KINDS}; got {kind!r}")
+    out = set()
+    if kind in (None, "transform"):
+        out |= set(za.names())
+    if kind in (None, "layer"):
+        out |= set(_MIXERS)
+    return sorted(out)
+
+
+def _entry(name: str) -> MixerEntry:
+    if name in za.names() and name in _MIXERS:
+        raise ValueError(f"mixer name {name!r} is both a transform and a registered layer; rename the layer")
+    if name in za.names():
+        return _MIXERS["attention"]
     if name not in _MIXERS:
-        raise ValueError(f"unknown mixer module {name!r}; valid names: {', '.join(mixer_names())}")
+        raise ValueError(f"unknown mixer {name!r}; valid: {', '.join(mixer_names())}")
     return _MIXERS[name]
 
 
-_MHA_ARGS = frozenset(inspect.signature(MultiHeadAttention.__init__).parameters) - {"self", "in_features", "rngs"}
+def get_mixer(name: str) -> Callable[..., nnx.Module]:
+    """The factory ``factory(d_model, *, rngs, **kw)`` of mixer ``name`` (for a transform name:
+    :func:`attention_mixer` with that transform)."""
+    entry = _entry(name)
+    return functools.partial(entry.factory, transform=name) if name in za.names() else entry.factory
+
+
+def describe_mixer(name: str) -> str:
+    """One line saying what mixer ``name`` builds."""
+    entry = _entry(name)
+    if name in za.names():
+        return f"MultiHeadAttention(transform={name!r}): {za.get(name).description}"
+    return entry.description
+
+
+def split_attention_kwargs(kw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``kw`` of an attention mixer spec -> (MultiHeadAttention arguments, transform options);
+    ``transform_kwargs`` is merged into the options."""
+    mha, opts = {}, {}
+    for k, v in kw.items():
+        (mha if k in MHA_ARGUMENTS else opts)[k] = v
+    extra = mha.pop("transform_kwargs", None) or {}
+    if not isinstance(extra, Mapping):
+        raise ValueError(f"transform_kwargs must be a dict; got {extra!r}")
+    return mha, {**dict(extra), **opts}
 
 
 def attention_mixer(
-    d_model: int, rngs: nnx.Rngs, *, num_heads: int, transform: Any = "softmax",
+    d_model: int, *, rngs: nnx.Rngs, num_heads: int, transform: Any = "softmax",
     transform_kwargs: Mapping[str, Any] | None = None, num_kv_heads: int | None = None,
     head_dim: int | None = None, rope: bool | float = False, dtype: Any = None,
     param_dtype: Any = jnp.float32, **kw: Any,
 ) -> MultiHeadAttention:
-    """Factory of :class:`MultiHeadAttention` (mixer ``"attention"``): keywords that are not
-    constructor arguments are transform options (``{"transform": "sliding_window", "window": 8}``)."""
-    tkw = dict(transform_kwargs or {})
-    mha = {}
-    for k, v in kw.items():
-        (mha if k in _MHA_ARGS else tkw)[k] = v
+    """Factory of :class:`MultiHeadAttention` (mixer ``"attention"`` and every transform name):
+    keywords that are not constructor arguments are transform options
+    (``{"transform": "sliding_window", "window": 8}``)."""
+    mha, opts = split_attention_kwargs({**kw, "transform_kwargs": transform_kwargs})
     return MultiHeadAttention(
-        d_model, num_heads, transform=transform, transform_kwargs=tkw, num_kv_heads=num_kv_heads,
+        num_heads, d_model, num_kv_heads=num_kv_heads, transform=transform, transform_kwargs=opts,
         head_dim=head_dim, rope=rope, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **mha,
     )
 
 
-register_mixer("attention", attention_mixer)
+register_mixer(
+    "attention", attention_mixer,
+    description="MultiHeadAttention with transform= (default softmax) and MultiHeadAttention arguments",
+)
 
 
-def build_mixer(spec: Any, d_model: int, *, rngs: nnx.Rngs, name: str = "mixers", **defaults: Any) -> nnx.Module:
-    """Builds one token mixer from a spec.
+def check_mixer_spec(spec: Any, *, name: str = "mixers") -> dict[str, Any]:
+    """Validates one mixer spec without building it; returns it normalised as
+    ``{"module": layer_name, **kwargs}`` (``{"module": "attention", "transform": ..., **kwargs}``
+    for attention). Raises a ValueError starting with ``name`` (the config key) otherwise.
 
-    ``spec``: a ``zoo.attention`` registry name, a Transform or callable (all -> attention), a
-    registered mixer name, or a dict ``{"transform": name, **kw}`` (attention; ``kw`` are
-    :class:`MultiHeadAttention` arguments or transform options) or ``{"module": name, **kw}`` (a
-    registered mixer). ``defaults`` (model-level ``num_heads``, ``dtype``, ...) are used where the
-    spec does not set them. ``name`` names the argument in error messages.
+    ``spec``: a mixer name (:func:`mixer_names`), a ``Transform`` or callable (attention), or a
+    dict ``{"transform": name_or_transform, **kw}`` / ``{"module": name, **kw}``. For attention,
+    ``kw`` are :class:`MultiHeadAttention` arguments (:data:`MHA_ARGUMENTS`) or transform options,
+    which are checked against the transform (a typo is an error here); for a layer whose factory
+    takes no ``**kwargs``, ``kw`` must be names it takes.
     """
     if isinstance(spec, str):
-        if spec in za.names():
-            spec = {"transform": spec}
-        elif spec in _MIXERS:
-            spec = {"module": spec}
-        else:
-            raise ValueError(
-                f"{name}: unknown mixer {spec!r}; valid: attention transforms {', '.join(za.names())} "
-                f"or mixer modules {', '.join(mixer_names())}"
-            )
-    elif isinstance(spec, za.Transform) or callable(spec):
-        spec = {"transform": spec}
+        spec = {"module": spec}
+    elif isinstance(spec, za.Transform) or (callable(spec) and not isinstance(spec, Mapping)):
+        spec = {"module": "attention", "transform": spec}
     if not isinstance(spec, Mapping):
         raise ValueError(f"{name}: a mixer must be a name, a Transform or a dict; got {spec!r}")
     kw = dict(spec)
-    if "module" in kw:  # other keys (a "transform" too) are the factory's arguments
+    if "module" in kw:
         mod = kw.pop("module")
-        if not isinstance(mod, str) or mod not in _MIXERS:
-            raise ValueError(f"{name}: unknown mixer module {mod!r}; valid: {', '.join(mixer_names())}")
-        factory = _MIXERS[mod]
+        if not isinstance(mod, str):
+            raise ValueError(f"{name}: module must be a mixer name; got {mod!r}")
+        if mod in za.names():
+            if "transform" in kw:
+                raise ValueError(f"{name}: module={mod!r} is a transform; give 'transform' or 'module', not both")
+            kw["transform"] = mod
+            mod = "attention"
     elif "transform" in kw:
-        tr = kw["transform"]
-        if isinstance(tr, str) and tr not in za.names():
-            raise ValueError(f"{name}: unknown attention transform {tr!r}; valid: {', '.join(za.names())}")
-        factory = attention_mixer
+        mod = "attention"
     else:
         raise ValueError(f"{name}: a mixer dict needs a 'transform' or a 'module' key; got {spec!r}")
-    names, _ = _params_of(factory)
+    try:
+        entry = _entry(mod)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    if entry.name == "attention":
+        try:
+            t = resolve_transform(kw.get("transform", "softmax"))
+            _, opts = split_attention_kwargs(kw)
+            managed = sorted(set(opts) & _MODULE_OPTIONS)
+            if managed:
+                raise ValueError(f"{', '.join(map(repr, managed))} cannot be set in a mixer spec (passed per call)")
+            t.check_options(opts, what="transform options")
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    elif not entry.any_keyword:
+        bad = sorted(set(kw) - entry.keywords - {"rngs"})
+        if bad:
+            raise ValueError(
+                f"{name}: mixer {mod!r} takes no argument {', '.join(map(repr, bad))}; valid: "
+                f"{', '.join(sorted(entry.keywords - {'rngs'}))}"
+            )
+    return {"module": entry.name, **kw}
+
+
+def build_mixer(spec: Any, d_model: int, *, rngs: nnx.Rngs, name: str = "mixers", **defaults: Any) -> nnx.Module:
+    """Builds one token mixer from a spec (:func:`check_mixer_spec`): ``defaults`` (model-level
+    ``num_heads``, ``dtype``, ...) are used where the spec does not set them and the factory names
+    them. ``name`` names the argument in error messages."""
+    kw = check_mixer_spec(spec, name=name)
+    entry = _MIXERS[kw.pop("module")]
     for k, v in defaults.items():
-        if k not in kw and k in names:
+        if k not in kw and k in entry.keywords:
             kw[k] = v
-    return factory(d_model, rngs=rngs, **kw)
+    return entry.factory(d_model, rngs=rngs, **kw)

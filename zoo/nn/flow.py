@@ -5,10 +5,15 @@
 
 with the flow-conservation linear attention of ``zoo.attention.flow`` (sigmoid feature map,
 incoming/outgoing flows, competition and allocation; no ``1/sqrt(d)``), split into heads of
-``head_dim``. Causal (language models: prefix flows, O(d e) recurrent state for decoding via
-:meth:`init_state` / :meth:`decode_step`) or non-causal (also cross-attention with
-``context``). All four projections have biases, as the reference layers; output dropout 0.05
-in the paper's NLP setup, 0 by default here.
+``head_dim``. Causal (the default, language models: prefix flows, O(d e) recurrent state for decoding via
+:meth:`init_state` / :meth:`prefill` / :meth:`decode_step`) or non-causal (also
+cross-attention with ``context``). All four projections have biases, as the reference layers;
+output dropout 0.05 in the paper's NLP setup, 0 by default here.
+
+Without dropout this layer computes exactly ``zoo.nn.MultiHeadAttention(num_heads, d_model,
+transform="flow", use_bias=True, transform_kwargs={"eps": eps, "clamp": clamp})`` (a test
+checks it), so it is not a separate mixer: the mixer for Flow-Attention is ``"flow"``. The
+class keeps the paper's parameter layout (for loading reference weights) and its dropout.
 
 Reference code: thuml/Flowformer ``Flow_Attention.py`` (``Flow_Attention``,
 ``Flow_Attention_Causal``).
@@ -23,8 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import zoo.attention as za
-from zoo.attention.common import shape_str
-from zoo.nn.attention import register_mixer
+from zoo.attention.common import check_float, shape_str
+from zoo.nn.attention import check_input
 from zoo.nn.layers import param as _param
 
 Array = jax.Array
@@ -87,32 +92,42 @@ class FlowAttentionLayer(nnx.Module):
         return self.dropout(y) if self.dropout is not None else y
 
     def __call__(
-        self, x: Array, *, causal: bool = True, context: Array | None = None, mask: Array | None = None,
+        self, x: Array, context: Array | None = None, *, causal: bool = True, mask: Array | None = None,
     ) -> Array:
         """``x [B, T, E] -> [B, T, E]``. ``context [B, S, E]``: keys/values from another sequence
-        (non-causal only). ``mask`` is not supported (Flow-Attention has no key masking: every
-        source takes part in the flows) and raises ValueError."""
-        if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must be [batch, length, d_model={self.d_model}]; got {shape_str(x)}")
+        (cross-attention; ``causal=True`` then needs ``S == T``: query ``i`` sees context positions
+        ``j <= i``). ``mask`` is not supported (Flow-Attention has no key masking: every source
+        takes part in the flows) and raises ValueError."""
+        check_input("x", x, self.d_model)
         if mask is not None:
             raise ValueError("mask is not supported by Flow-Attention (no key masking in the flows); pass None")
         c = x
         if context is not None:
-            if causal:
-                raise ValueError("context (cross-attention) needs causal=False")
-            ok = getattr(context, "ndim", None) == 3 and context.shape[0] == x.shape[0]
-            if not ok or context.shape[-1] != self.d_model:
+            check_input("context", context, self.d_model)
+            if context.shape[0] != x.shape[0] or (causal and context.shape[1] != x.shape[1]):
                 raise ValueError(
-                    f"context must be [batch={x.shape[0]}, length, d_model={self.d_model}]; got {shape_str(context)}"
+                    f"context must be [batch={x.shape[0]}, length, d_model={self.d_model}] (the length of x "
+                    f"= {x.shape[1]} when causal); got {shape_str(context)}"
                 )
             c = context
         q, k, v = self._proj(x, "q"), self._proj(c, "k"), self._proj(c, "v")
         o = za.flow(q, k, v, causal=causal, eps=self.eps, clamp=self.clamp, chunk_size=self.chunk_size, impl=self.impl)
         return self._out(o, x.dtype)
 
+    def _options(self) -> dict[str, Any]:
+        return {"eps": self.eps, "clamp": self.clamp, "chunk_size": self.chunk_size, "impl": self.impl}
+
     def init_state(self, batch: int, max_len: int | None = None) -> za.FlowState:
         """Empty causal state (constant size: ``max_len`` is not needed)."""
-        return za.flow_init_state(batch, self.num_heads, self.head_dim)
+        return za.get("flow").init_state(batch, self.num_heads, self.head_dim)
+
+    def prefill(self, x: Array, state: za.FlowState, position: Any = 0) -> tuple[Array, za.FlowState]:
+        """A prompt ``x [B, T, E]`` in one parallel call from ``state`` -> ``(y [B, T, E], state)``,
+        equal to ``T`` calls of :meth:`decode_step` (``position`` is unused: no positions)."""
+        check_input("x", x, self.d_model)
+        q, k, v = self._proj(x, "q"), self._proj(x, "k"), self._proj(x, "v")
+        o, state = za.get("flow").prefill(state, q, k, v, **self._options())
+        return self._out(o, x.dtype), state
 
     def decode_step(self, x_t: Array, state: za.FlowState, position: Any = None) -> tuple[Array, za.FlowState]:
         """One causal token ``x_t [B, E]`` (or ``[B, 1, E]``) -> ``(y_t, state)``; equals the causal
@@ -123,19 +138,8 @@ class FlowAttentionLayer(nnx.Module):
             raise ValueError(
                 f"x_t must be [batch, d_model={self.d_model}] or [batch, 1, d_model]; got {shape_str(x_t)}"
             )
+        check_float("x_t", x)
         q, k, v = self._proj(x, "q"), self._proj(x, "k"), self._proj(x, "v")
-        o, state = za.flow_step(state, q, k, v, eps=self.eps, clamp=self.clamp)
+        o, state = za.get("flow").step(state, q, k, v, **self._options())
         y = self._out(o, x_t.dtype)
         return (y if squeeze else y[:, None]), state
-
-
-def flow_mixer(
-    d_model: int, rngs: nnx.Rngs, *, num_heads: int, head_dim: int | None = None, dtype: Any = None,
-    param_dtype: Any = jnp.float32, **kw: Any,
-) -> FlowAttentionLayer:
-    """``zoo.nn.register_mixer`` factory of :class:`FlowAttentionLayer` (mixer ``"flow_layer"``)."""
-    return FlowAttentionLayer(d_model, num_heads, head_dim=head_dim, dtype=dtype, param_dtype=param_dtype,
-                              rngs=rngs, **kw)
-
-
-register_mixer("flow_layer", flow_mixer)

@@ -179,7 +179,8 @@ class ShortConv(nnx.Module):
     H3 / BASED / zoology blocks: it gives a mixer access to the previous tokens, which
     associative recall (MQAR) needs to learn quickly. ``__call__(x [B, T, C]) -> [B, T, C]``;
     decoding keeps the last ``width - 1`` inputs: ``init_state(batch)`` -> ``[B, width-1, C]``,
-    ``decode_step(x_t [B, C], state) -> (y_t [B, C], state)``, equal to the parallel form.
+    ``prefill(x [B, T, C], state) -> (y, state)`` (a prompt in one call) and
+    ``decode_step(x_t [B, C], state) -> (y_t [B, C], state)``, all equal to the parallel form.
     """
 
     def __init__(
@@ -193,24 +194,41 @@ class ShortConv(nnx.Module):
         if use_bias:
             self.bias = param(rngs, nnx.initializers.zeros, (features,), ("embed",), param_dtype)
 
-    def __call__(self, x: Array) -> Array:
-        dt = self.dtype or x.dtype
-        x = x.astype(dt)
-        w = self.kernel[...].astype(dt)
-        t = x.shape[1]
-        xp = jnp.pad(x, ((0, 0), (self.width - 1, 0), (0, 0)))
+    def _check(self, name: str, x: Any, rank: int) -> None:
+        layout = "[batch, length, features]" if rank == 3 else "[batch, features]"
+        if getattr(x, "ndim", None) != rank or x.shape[-1] != self.features:
+            raise ValueError(f"{name} must be {layout} with features={self.features}; got {getattr(x, 'shape', x)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating point array; got dtype {x.dtype}")
+
+    def _conv(self, xp: Array, t: int) -> Array:
+        """``xp [B, width - 1 + t, C]`` (history then the new inputs) -> ``y [B, t, C]``."""
+        w = self.kernel[...].astype(xp.dtype)
         # Tap i multiplies x_{t-i}: a sum of width shifted copies (width is small).
         y = sum(w[i] * xp[:, self.width - 1 - i: self.width - 1 - i + t] for i in range(self.width))
-        if self.use_bias:
-            y = y + self.bias[...].astype(dt)
-        return y
+        return y + self.bias[...].astype(xp.dtype) if self.use_bias else y
+
+    def __call__(self, x: Array) -> Array:
+        self._check("x", x, 3)
+        dt = self.dtype or x.dtype
+        x = x.astype(dt)
+        return self._conv(jnp.pad(x, ((0, 0), (self.width - 1, 0), (0, 0))), x.shape[1])
 
     def init_state(self, batch: int, max_len: int | None = None, dtype: Any = None) -> Array:
         """The last ``width - 1`` inputs, zeros: ``[batch, width - 1, features]``."""
         return jnp.zeros((batch, self.width - 1, self.features), dtype or self.dtype or jnp.float32)
 
+    def prefill(self, x: Array, state: Array) -> tuple[Array, Array]:
+        """A prompt ``x [B, T, C]`` after the inputs kept in ``state`` -> ``(y [B, T, C], state)``,
+        equal to ``T`` calls of :meth:`decode_step`."""
+        self._check("x", x, 3)
+        dt = self.dtype or x.dtype
+        xp = jnp.concatenate([state.astype(dt), x.astype(dt)], axis=1)  # oldest first
+        return self._conv(xp, x.shape[1]), xp[:, xp.shape[1] - (self.width - 1):].astype(state.dtype)
+
     def decode_step(self, x_t: Array, state: Array, position: Any = None) -> tuple[Array, Array]:
         """One token: ``x_t [B, C]`` -> ``(y_t [B, C], new_state)``."""
+        self._check("x_t", x_t, 2)
         dt = self.dtype or x_t.dtype
         window = jnp.concatenate([state.astype(dt), x_t.astype(dt)[:, None]], axis=1)  # oldest first
         w = self.kernel[...].astype(dt)[::-1]  # tap width-1 (oldest) ... tap 0 (current)

@@ -32,6 +32,12 @@ with a learned per-head query embedding ``e_h [head_dim]``, temperature ``t_h`` 
 position bias ``B_rel`` from a 2-layer MLP (CPB, ``2 -> 512 -> heads``) over log-spaced relative
 coordinates (:func:`relative_position_cpb`).
 
+Causal by default (``causal=True``, the rule of every zoo.nn mixer), so the forward equals
+:meth:`MoHAttention.decode_step` / :meth:`~MoHAttention.prefill`; the vision models call it
+with ``causal=False``. Mixer ``"moh"`` (softmax heads, KV-cache decoding; the cache holds
+``max_len`` tokens and overflowing it is a ValueError on concrete values, as for
+``zoo.nn.MultiHeadAttention``).
+
 Reference code: SkyworkAI/MoH ``MoH-ViT/attention.py`` (``Attention``), ``transnext.py``
 (``get_relative_position_cpb``); papers: MoH (Jin et al. 2024), TransNeXt (Shi, CVPR 2024).
 """
@@ -47,8 +53,8 @@ import numpy as np
 from flax import nnx
 
 import zoo.attention as za
-from zoo.attention.common import shape_str
-from zoo.nn.attention import register_mixer
+from zoo.attention.common import check_float, shape_str
+from zoo.nn.attention import check_input, check_kv_capacity, positions_from, register_mixer
 from zoo.nn.diagnostics import capturing, softmax_weights
 from zoo.nn.layers import apply_rope
 from zoo.nn.layers import axis_init as _init
@@ -309,7 +315,7 @@ class MoHAttention(nnx.Module):
         return None
 
     def attention_weights(
-        self, x: Array, *, causal: bool = False, hw: tuple[int, int] | None = None, rel_bias: Array | None = None,
+        self, x: Array, *, causal: bool = True, hw: tuple[int, int] | None = None, rel_bias: Array | None = None,
         relative_pos_index: Any = None, relative_coords_table: Any = None,
     ) -> Array:
         """The head attention weights ``[B, h, N, N]`` (explicit; for diagnostics and tests)."""
@@ -321,21 +327,20 @@ class MoHAttention(nnx.Module):
     # ------------------------------------------------------------------ forward
 
     def __call__(
-        self, x: Array, *, causal: bool = False, mask: Array | None = None, hw: tuple[int, int] | None = None,
+        self, x: Array, *, causal: bool = True, mask: Array | None = None, hw: tuple[int, int] | None = None,
         rel_bias: Array | None = None, relative_pos_index: Any = None, relative_coords_table: Any = None,
         return_aux: bool = False,
     ) -> Array | tuple[Array, dict[str, Array]]:
         """``x [B, N, C] -> [B, N, C]``.
 
-        ``causal``: causal attention (language models). ``mask``: bool, broadcastable to
+        ``causal``: causal attention (the default; ``False`` for the vision models). ``mask``: bool, broadcastable to
         ``[B, h, N, N]`` (True = visible). Relative bias (cosine attention): ``rel_bias [h, N, N]``
         directly, or the CPB inputs ``relative_pos_index [N*N]`` + ``relative_coords_table [T, 2]``,
         or ``hw`` (the token grid; the inputs are then built by :func:`relative_position_cpb`).
         ``return_aux``: also return ``{"head_gates", "router_probs", "routed_mask",
         "load_balance_loss", "head_out"}``.
         """
-        if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must be [batch, length, d_model={self.d_model}]; got {shape_str(x)}")
+        check_input("x", x, self.d_model)
         b, n, _ = x.shape
         aux = self.gates(x)
         q, k, v = self._qkv(x)
@@ -359,8 +364,35 @@ class MoHAttention(nnx.Module):
     # ------------------------------------------------------------------ decoding (causal LM mixer)
 
     def init_state(self, batch: int, max_len: int) -> za.KVCache:
-        """An empty KV cache for ``max_len`` tokens."""
-        return za.init_cache(batch, self.num_heads, self.head_dim, max_len)
+        """An empty KV cache for ``max_len`` tokens (``zoo.attention`` softmax ``init_state``)."""
+        return za.get("softmax").init_state(batch, self.num_heads, self.head_dim, max_len=max_len)
+
+    def _check_decoding(self, position: Any) -> None:
+        if self.rope_theta is not None and position is None:
+            raise ValueError("position (the token's absolute position) is needed with rope")
+        if self.attention == "cosine" and self.seq_length is None:
+            raise ValueError("decoding with attention='cosine' needs seq_length (the log N scale)")
+        if self.cpb_fc1 is not None:
+            raise ValueError("decoding does not support the CPB relative position bias (cpb=True)")
+
+    def _decode(self, x: Array, state: za.KVCache, position: Any) -> tuple[Array, za.KVCache]:
+        """``x [B, T, C]`` at positions ``position ..`` through the cache (one parallel prefill)."""
+        check_kv_capacity(state, x.shape[1], position, streaming=False, what="decoding")
+        aux = self.gates(x)
+        q, k, v = self._qkv(x, positions_from(0 if position is None else position, x.shape[1]))
+        qs, ks, scale = self._scaled(q, k, 1)
+        y, state = za.get("softmax").prefill(state, qs, ks, v, scale=scale)
+        gated = y.astype(jnp.float32)
+        if "head_gates" in aux:
+            gated = aux["head_gates"][..., None] * gated
+        return self.proj(gated.astype(x.dtype).reshape(*x.shape[:2], self.d_model)), state
+
+    def prefill(self, x: Array, state: za.KVCache, position: Any = 0) -> tuple[Array, za.KVCache]:
+        """A prompt ``x [B, T, C]`` at positions ``position ..`` in one parallel call on the cache:
+        ``(y [B, T, C], state)``, equal to ``T`` calls of :meth:`decode_step`."""
+        self._check_decoding(position)
+        check_input("x", x, self.d_model)
+        return self._decode(x, state, position)
 
     def decode_step(self, x_t: Array, state: za.KVCache, position: Any = None) -> tuple[Array, za.KVCache]:
         """One causal decoding step: ``x_t [B, C]`` (or ``[B, 1, C]``) -> ``(y_t, state)``; equals
@@ -372,24 +404,14 @@ class MoHAttention(nnx.Module):
             raise ValueError(
                 f"x_t must be [batch, d_model={self.d_model}] or [batch, 1, d_model]; got {shape_str(x_t)}"
             )
-        if self.rope_theta is not None and position is None:
-            raise ValueError("position (the token's absolute position) is needed with rope")
-        if self.attention == "cosine" and self.seq_length is None:
-            raise ValueError("decoding with attention='cosine' needs seq_length (the log N scale)")
-        aux = self.gates(x)
-        pos = jnp.asarray(0 if position is None else position, jnp.int32)
-        q, k, v = self._qkv(x, pos[None, None] if pos.ndim == 0 else pos[:, None])
-        qs, ks, scale = self._scaled(q, k, 1)
-        y, state = za.softmax_step(state, qs[:, 0], ks[:, 0], v[:, 0], scale=scale)
-        gated = y.astype(jnp.float32)[:, None]
-        if "head_gates" in aux:
-            gated = aux["head_gates"][..., None] * gated
-        out = self.proj(gated.astype(x.dtype).reshape(x.shape[0], 1, self.d_model))
+        check_float("x_t", x)
+        self._check_decoding(position)
+        out, state = self._decode(x, state, position)
         return (out[:, 0] if squeeze else out), state
 
 
 def moh_mixer(
-    d_model: int, rngs: nnx.Rngs, *, num_heads: int, rope: bool | float = False, num_shared: int | None = None,
+    d_model: int, *, rngs: nnx.Rngs, num_heads: int, rope: bool | float = False, num_shared: int | None = None,
     top_k: int | None = None, **kw: Any,
 ) -> MoHAttention:
     """``zoo.nn.register_mixer`` factory (mixer ``"moh"``): causal softmax MoH attention, by default
@@ -402,4 +424,7 @@ def moh_mixer(
     return MoHAttention(d_model, num_heads, num_shared=num_shared, top_k=top_k, rope=rope, rngs=rngs, **kw)
 
 
-register_mixer("moh", moh_mixer)
+register_mixer(
+    "moh", moh_mixer,
+    description="MoHAttention: mixture-of-head softmax attention (shared + top-K routed heads gated per token)",
+)

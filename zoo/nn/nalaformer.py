@@ -18,12 +18,18 @@ the numerator only; the normaliser uses the unrotated features, so rows do not s
 LePE is a depthwise ``5 x 5`` convolution (padding 2, bias) of ``v`` as an image; LayerNorm
 over ``C`` with ``eps = 1e-5``.
 
-Causal variant (not in the official vision code; ``causal=True``, for sequence models): the
-means over all ``N`` tokens become prefix means over ``m <= n``, computed with causal linear
-attention (``zoo.attention.linear``); LePE (a 2-D, two-sided convolution) must be off
-(``lepe=False``). Decoding (:meth:`init_state` / :meth:`decode_step`) keeps the prefix sums
-``S = sum R(phi_k) v^T``, ``z = sum phi_k`` and the count; positions are the 1-D grid
-``(0, n)``.
+Causal variant (not in the official vision code; ``causal=True``, the default of every zoo.nn
+mixer, for sequence models): the means over all ``N`` tokens become prefix means over
+``m <= n``, computed with causal linear attention (``zoo.attention.linear``); LePE (a 2-D,
+two-sided convolution) must be off (``lepe=False``; the vision module with LePE is called with
+``causal=False``). Decoding (:meth:`init_state` / :meth:`prefill` / :meth:`decode_step`) keeps
+the prefix sums ``S = sum R(phi_k) v^T``, ``z = sum phi_k`` and the count; positions are the
+1-D grid ``(0, n)``.
+
+Mixer ``"nalaformer_layer"`` (causal, LePE off): the whole module above. It differs from the
+mixer ``"nalaformer"`` (``MultiHeadAttention`` with the ``nalaformer`` transform: linear
+attention with the norm-aware feature maps and the mean normaliser only, no fused gate,
+LayerNorm or 2-D RoPE).
 
 Paper: Meng et al., "Norm x Direction: Restoring the Missing Query Norm in Vision Linear
 Attention" (NaLaFormer, arXiv 2506.21137).
@@ -39,8 +45,8 @@ from flax import nnx
 
 import zoo.attention as za
 from zoo.attention import feature_maps as fmaps
-from zoo.attention.common import shape_str
-from zoo.nn.attention import register_mixer
+from zoo.attention.common import check_float, shape_str
+from zoo.nn.attention import check_input, register_mixer
 from zoo.nn.layers import axes
 from zoo.nn.layers import axis_init as _init
 
@@ -162,7 +168,21 @@ class NaLaFormerAttention(nnx.Module):
         o = self.ln(o.astype(self.dtype or dtype)) * jax.nn.silu(g)
         return self.out_proj(o)
 
-    def core(self, q: Array, k: Array, v: Array, *, hw: tuple[int, int], causal: bool = False) -> Array:
+    def _prefix(self, fq: Array, fk: Array, rq: Array, rk: Array, v: Array, state: NalaState
+                ) -> tuple[Array, NalaState]:
+        """Causal prefix means continuing ``state``: ``o_n = R(phi_q)^T S_n / c_n / (phi_q . z_n / c_n
+        + eps)`` with ``S_n = S_0 + sum_{m<=n} R(phi_k) v^T``, ``z_n = z_0 + sum phi_k``, ``c_n`` the
+        token count; ``[B, N, H, D]`` and the state after the last token."""
+        n = v.shape[1]
+        lin = za.LinearState(state.S, jnp.zeros_like(state.z), state.count)
+        num, st = za.linear(rq, rk, v, causal=True, feature_map="identity", normalize=False,
+                            initial_state=lin, return_state=True)
+        z = state.z[:, None] + jnp.cumsum(fk, axis=1)  # [B, N, H, 2D]
+        cnt = (state.count[:, None] + jnp.arange(1, n + 1, dtype=jnp.int32)).astype(jnp.float32)[..., None]
+        o = num / cnt[..., None] / (jnp.sum(fq * z, axis=-1) / cnt + EPS)[..., None]
+        return o, NalaState(st.S, z[:, -1], state.count + n)
+
+    def core(self, q: Array, k: Array, v: Array, *, hw: tuple[int, int], causal: bool = True) -> Array:
         """The norm-aware linear attention on per-head ``q, k, v [B, N, H, D]`` (float32), with the
         2-D RoPE of grid ``hw`` in the numerator; ``[B, N, H, D]``."""
         n = q.shape[1]
@@ -171,20 +191,20 @@ class NaLaFormerAttention(nnx.Module):
             sin, cos = rope_grid(hw, self.head_dim)
             sin, cos = sin[None, :, None], cos[None, :, None]
         fq, fk, rq, rk = self._features(q, k, sin, cos)
-        num = za.linear(rq, rk, v, causal=causal, feature_map="identity", normalize=False)
         if causal:
-            den = jnp.sum(fq * jnp.cumsum(fk, axis=1), axis=-1)
-            cnt = jnp.arange(1, n + 1, dtype=jnp.float32)[None, :, None]
-        else:
-            den = jnp.sum(fq * jnp.sum(fk, axis=1, keepdims=True), axis=-1)
-            cnt = jnp.float32(n)
-        z = 1.0 / (den / cnt + EPS)
-        return num / cnt[..., None] * z[..., None]
+            return self._prefix(fq, fk, rq, rk, v, self.init_state(q.shape[0]))[0]
+        num = za.linear(rq, rk, v, causal=False, feature_map="identity", normalize=False)
+        den = jnp.sum(fq * jnp.sum(fk, axis=1, keepdims=True), axis=-1)
+        z = 1.0 / (den / n + EPS)
+        return num / n * z[..., None]
 
     # ------------------------------------------------------------------ forward
 
-    def __call__(self, x: Array, *, hw: tuple[int, int] | None = None, causal: bool = False,
+    def __call__(self, x: Array, *, hw: tuple[int, int] | None = None, causal: bool = True,
                  mask: Array | None = None) -> Array:
+        """``x [B, N, C]`` (grid ``hw``, default ``(1, N)``) or an image ``[B, H, W, C]`` ->
+        the same layout. Causal by default (every zoo.nn mixer); the vision module (LePE on)
+        is non-causal: call it with ``causal=False``."""
         image = getattr(x, "ndim", None) == 4
         if image:
             if hw is not None and tuple(hw) != tuple(x.shape[1:3]):
@@ -195,6 +215,7 @@ class NaLaFormerAttention(nnx.Module):
             raise ValueError(
                 f"x must be [batch, N, d_model={self.d_model}] or [batch, H, W, d_model]; got {shape_str(x)}"
             )
+        check_input("x", x, self.d_model)
         if mask is not None:
             raise ValueError("mask is not supported by NaLaFormerAttention; pass None")
         b, n, _ = x.shape
@@ -204,7 +225,10 @@ class NaLaFormerAttention(nnx.Module):
             raise ValueError(f"hw must be (height, width) with height * width = N = {n}; got {hw!r}")
         hw = (int(hw[0]), int(hw[1]))
         if causal and self.lepe is not None:
-            raise ValueError("causal=True needs lepe=False (LePE is a two-sided 2-D convolution)")
+            raise ValueError(
+                "causal=True (the default) needs lepe=False (LePE is a two-sided 2-D convolution): call the "
+                "vision module with causal=False, or build it with lepe=False"
+            )
         q, k, v, g = self._split(x)
         lepe = None
         if self.lepe is not None:
@@ -221,17 +245,38 @@ class NaLaFormerAttention(nnx.Module):
         return NalaState(jnp.zeros((batch, h, 2 * d, d), jnp.float32), jnp.zeros((batch, h, 2 * d), jnp.float32),
                          jnp.zeros((batch,), jnp.int32))
 
+    def _check_decoding(self) -> None:
+        if self.lepe is not None:
+            raise ValueError("decoding needs lepe=False (LePE is a two-sided 2-D convolution)")
+
+    def prefill(self, x: Array, state: NalaState, position: Any = 0) -> tuple[Array, NalaState]:
+        """A prompt ``x [B, T, C]`` in one parallel call from ``state`` (1-D positions
+        ``state.count ..``, grid ``(0, n)``) -> ``(y [B, T, C], state)``, equal to ``T`` calls of
+        :meth:`decode_step` (``position`` is unused: the state counts its tokens)."""
+        self._check_decoding()
+        check_input("x", x, self.d_model)
+        q, k, v, g = self._split(x)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # [B, T, H, D]
+        sin = cos = None
+        if self.use_rope:
+            cols = state.count[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)  # [B, T]
+            sin, cos = rope_2d(jnp.zeros_like(cols), cols, self.head_dim)
+            sin, cos = sin[:, :, None], cos[:, :, None]
+        fq, fk, rq, rk = self._features(q, k, sin, cos)
+        o, state = self._prefix(fq, fk, rq, rk, v, state)
+        return self._finish(o, None, g, x.dtype), state
+
     def decode_step(self, x_t: Array, state: NalaState, position: Any = None) -> tuple[Array, NalaState]:
         """One causal token ``x_t [B, C]`` (or ``[B, 1, C]``) at 1-D position ``state.count``
         (grid ``(0, t)``) -> ``(y_t, state)``; equals ``__call__(x, causal=True)`` there."""
-        if self.lepe is not None:
-            raise ValueError("decoding needs lepe=False (LePE is a two-sided 2-D convolution)")
+        self._check_decoding()
         squeeze = getattr(x_t, "ndim", None) == 2
         x = x_t if squeeze else (x_t[:, 0] if getattr(x_t, "ndim", None) == 3 and x_t.shape[1] == 1 else None)
         if x is None or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"x_t must be [batch, d_model={self.d_model}] or [batch, 1, d_model]; got {shape_str(x_t)}"
             )
+        check_float("x_t", x)
         q, k, v, g = self._split(x)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)  # [B, H, D]
         sin = cos = None
@@ -250,11 +295,16 @@ class NaLaFormerAttention(nnx.Module):
 
 
 def nalaformer_mixer(
-    d_model: int, rngs: nnx.Rngs, *, num_heads: int, dtype: Any = None, param_dtype: Any = jnp.float32, **kw: Any,
+    d_model: int, *, rngs: nnx.Rngs, num_heads: int, dtype: Any = None, param_dtype: Any = jnp.float32, **kw: Any,
 ) -> NaLaFormerAttention:
     """``zoo.nn.register_mixer`` factory (mixer ``"nalaformer_layer"``): the causal variant, LePE off."""
     kw.setdefault("lepe", False)
     return NaLaFormerAttention(d_model, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kw)
 
 
-register_mixer("nalaformer_layer", nalaformer_mixer)
+register_mixer(
+    "nalaformer_layer", nalaformer_mixer,
+    description="NaLaFormerAttention (causal, LePE off): fused q/k/v/gate, norm-aware features, 2-D RoPE "
+                "numerator, LayerNorm and SiLU gate (the mixer 'nalaformer' is only the feature-map linear "
+                "attention inside MultiHeadAttention)",
+)

@@ -8,7 +8,9 @@ input ``X [B, L, E]``:
 
 Each head's q/k have the full positional dimension ``P_dim`` (they are not split across
 heads); values are split into ``H`` heads of ``E / H``. ``A^h`` depends on neither the input
-values nor the batch, so it is computed once per call and shared by the batch. Non-causal.
+values nor the batch, so it is computed once per call and shared by the batch. The paper's
+attention is non-causal: call with ``causal=False`` (the modules follow the zoo.nn rule,
+``causal=True`` by default).
 
 Block (``TransformerLayer`` of the reference code): ``X <- MLP([X, attn(X)])``, concatenation
 then a ReLU MLP (``Linear(2E, M) -> ReLU -> Linear(M, E)`` for two layers), with **no residual
@@ -34,6 +36,7 @@ from flax import nnx
 
 from zoo.attention.common import shape_str
 from zoo.attention.positional import positional_apply, positional_weights
+from zoo.nn.attention import check_input
 from zoo.nn.diagnostics import capturing
 from zoo.nn.layers import axis_init as _init
 
@@ -83,7 +86,7 @@ class PositionalAttention(nnx.Module):
       pos_dim: ``P_dim``, the width of the positional encodings (``L`` for one-hot ``P``).
       rngs: parameter keys. Init as the reference: Xavier-uniform weights, zero biases.
 
-    ``__call__(x, p=None)``: ``p [L, pos_dim]`` (default: one-hot ``I_L``, needs
+    ``__call__(x, p=None, *, causal=True)``: ``p [L, pos_dim]`` (default: one-hot ``I_L``, needs
     ``pos_dim == L``). ``attention_weights(p)`` returns ``A [H, L, L]``; with ``record=True``
     (attribute) the call also sows them as ``nnx.Intermediate`` ``"attn_weights"`` (collect with
     ``nnx.capture(model, nnx.Intermediate)``).
@@ -123,18 +126,17 @@ class PositionalAttention(nnx.Module):
             raise ValueError(f"p must be [length={length}, pos_dim={self.pos_dim}]; got {shape_str(p)}")
         return p
 
-    def attention_weights(self, p: Array, *, causal: bool = False) -> Array:
+    def attention_weights(self, p: Array, *, causal: bool = True) -> Array:
         """``A [H, L, L] = softmax(q_h k_h^T / sqrt(pos_dim))`` from encodings ``p [L, pos_dim]``."""
         return positional_weights(
             jnp.asarray(p, jnp.float32), self.q_kernel[...], self.q_bias[...], self.k_kernel[...],
             self.k_bias[...], scale=1.0 / math.sqrt(self.pos_dim), causal=causal,
         )
 
-    def __call__(self, x: Array, p: Array | None = None, *, causal: bool = False) -> Array:
-        """``x [B, L, E]`` -> ``[B, L, E]``; ``causal`` restricts query ``i`` to keys ``j <= i``
-        (the paper's attention is non-causal)."""
-        if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must be [batch, length, d_model={self.d_model}]; got {shape_str(x)}")
+    def __call__(self, x: Array, p: Array | None = None, *, causal: bool = True) -> Array:
+        """``x [B, L, E]`` -> ``[B, L, E]``; ``causal`` (default, the zoo.nn rule) restricts query
+        ``i`` to keys ``j <= i``; the paper's attention is ``causal=False``."""
+        check_input("x", x, self.d_model)
         b, t, _ = x.shape
         a = self.attention_weights(self._encodings(p, t), causal=causal)
         if self.record and capturing(self):
@@ -147,7 +149,8 @@ class PositionalAttention(nnx.Module):
 class PositionalAttentionBlock(nnx.Module):
     """``X <- MLP([X, PositionalAttention(X)])`` (no residual, no norm), as the reference
     ``TransformerLayer``: the MLP is ``mlp_layers`` Linear layers with ReLU between them,
-    ``2E -> M -> ... -> M -> E``."""
+    ``2E -> M -> ... -> M -> E``. ``causal`` is passed to the attention (default True, the
+    zoo.nn rule; the reference block is ``causal=False``)."""
 
     def __init__(self, d_model: int, num_heads: int, pos_dim: int, mlp_hidden: int, *,
                  mlp_layers: int = 2, record: bool = False, rngs: nnx.Rngs):
@@ -167,8 +170,8 @@ class PositionalAttentionBlock(nnx.Module):
 
         self.mlp = nnx.List([_dense(dims[i], dims[i + 1], axes(i), rngs, kernel_init=lecun) for i in range(n)])
 
-    def __call__(self, x: Array, p: Array | None = None) -> Array:
-        h = jnp.concatenate([x, self.attn(x, p)], axis=-1)
+    def __call__(self, x: Array, p: Array | None = None, *, causal: bool = True) -> Array:
+        h = jnp.concatenate([x, self.attn(x, p, causal=causal)], axis=-1)
         for i, layer in enumerate(self.mlp):
             h = layer(h)
             if i + 1 < len(self.mlp):
