@@ -62,7 +62,7 @@ def titans_fns(h: int, d: int, chunks: list[int]):
             w = (0.1 * jax.random.normal(jax.random.PRNGKey(9), (h, d, d)),)
         tag = "matrix" if depth == 1 else "MLP-2"
         out[f"titans {tag} sequential"] = depth, (
-            lambda q, k, v, g, w=w: za.titans_naive(q, k, v, causal=True, weights=w, **g))
+            lambda q, k, v, g, w=w: za.titans_naive(q, k, v, causal=True, weights=w, chunk_size=1, **g))
         for c in chunks:
             out[f"titans {tag} chunked C={c}"] = depth, (
                 lambda q, k, v, g, w=w, c=c: za.titans(q, k, v, causal=True, weights=w, chunk_size=c, **g))
@@ -198,7 +198,7 @@ def run_presets(args, h, d):
             tr = za.get(name)
             gp = {**gd, **({"delta": jnp.ones_like(gd["theta"])} if name == "yaad" else {})}
             fc = jax.jit(lambda q, k, v, g, tr=tr, w=w: tr(q, k, v, causal=True, weights=w, chunk_size=64, **g))
-            fs = jax.jit(lambda q, k, v, g, tr=tr, w=w: tr.reference(q, k, v, causal=True, weights=w, **g))
+            fs = jax.jit(lambda q, k, v, g, tr=tr, w=w: tr.reference(q, k, v, causal=True, weights=w, chunk_size=1, **g))
             tc, tsq = median_time(fc, (*xs, gp), args.reps), median_time(fs, (*xs, gp), args.reps)
             form = "dual" if name == "yaad" else "materialize"
             print(f"preset {name:7s} {tag:7s} chunked {tc * 1e3:8.1f} ms  sequential {tsq * 1e3:8.1f} ms", flush=True)

@@ -1,12 +1,15 @@
 """Miras: known models are instances (linear attention, gated linear attention, DeltaNet, Titans),
 the presets equal independent float64 numpy recurrences written from the papers' update rules,
-chunked forms equal the frozen-gradient reference (outputs, states, gradients).
+chunked forms equal the frozen-gradient reference (outputs, states, gradients), decoding is
+exact for every chunk size (also from inside a chunk), the registered presets decode as they
+train, gate ranges and causality are checked.
 
 Tolerances (float32 vs float64 numpy or vs the float32 reference, values O(1)-O(10), sums of
-<= 13 terms): outputs and states 2e-5 abs + 2e-5 rel (MLP memories 5e-5); gradients 1e-4 abs +
-1e-4 rel.
+<= 13 terms): outputs and states 2e-5 abs + 2e-5 rel (MLP memories 5e-5); float32 forms of the
+same recurrence against each other (decoding): 1e-5 abs + 1e-5 rel; gradients 1e-4 abs + 1e-4 rel.
 """
 
+import functools
 import importlib
 
 import jax
@@ -25,11 +28,13 @@ B, L, H, D = 2, 13, 2, 4
 C5 = 5
 TOL = dict(atol=2e-5, rtol=2e-5)
 MTOL = dict(atol=5e-5, rtol=5e-5)
+DTOL = dict(atol=1e-5, rtol=1e-5)
 GTOL = dict(atol=1e-4, rtol=1e-4)
 STATIC = ("bias", "retention", "algorithm", "p", "q_order", "kl_scale", "depth", "activation",
           "chunk_size")
-_miras = jax.jit(lambda *a, **kw: M.miras(*a, return_state=True, **kw), static_argnames=STATIC + ("form",))
-_naive = jax.jit(lambda *a, **kw: M.miras_naive(*a, return_state=True, **kw), static_argnames=STATIC)
+_miras = jax.jit(lambda *a, **kw: M.miras(*a, return_state=True, causal=True, **kw),
+                 static_argnames=STATIC + ("form",))
+_naive = jax.jit(lambda *a, **kw: M.miras_naive(*a, return_state=True, causal=True, **kw), static_argnames=STATIC)
 PRESETS = ("moneta", "yaad", "memora")
 
 
@@ -122,7 +127,7 @@ def test_deltanet_and_titans_are_instances():
     for name, (y, st) in (("naive", _naive(q, k, v, **kw)), ("materialize", _miras(q, k, v, form="materialize", **kw))):
         assert_close(y, y_np, **MTOL, what=f"Titans {name}")
         tree_assert_close(list(st.weights) + list(st.momentum), ws_np + ms_np, **MTOL, what=f"{name} state")
-    y_t = T.titans(q, k, v, weights=w, activation="tanh", chunk_size=C5, **g)
+    y_t = T.titans(q, k, v, weights=w, activation="tanh", chunk_size=C5, causal=True, **g)
     assert_close(y_t, y_np, **MTOL, what="titans (dual) == miras instance")
 
 
@@ -132,7 +137,7 @@ def test_presets_equal_numpy(preset):
     gt = gates(g, preset)
     a0 = rand(23, H, D, D, scale=0.5)
     y_np, branches = np_preset(preset, q, k, v, a0, **gt)
-    y_naive, _ = _naive(q, k, v, weights=(a0,), **M.PRESETS[preset], **gt)
+    y_naive, _ = _naive(q, k, v, weights=(a0,), chunk_size=1, **M.PRESETS[preset], **gt)
     assert_close(y_naive, y_np, **TOL, what=f"{preset} naive")
     y, _ = _miras(q, k, v, weights=(a0,), chunk_size=1, **M.PRESETS[preset], **gt)
     assert_close(y, y_np, **TOL, what=f"{preset} chunk 1")
@@ -165,7 +170,7 @@ def test_presets_chunked_equal_frozen_reference(preset):
 
 
 def _loss(fn, preset, cot, q, k, v, gt, w):
-    y, st = fn(q, k, v, weights=w, chunk_size=C5, return_state=True, **M.PRESETS[preset], **gt)
+    y, st = fn(q, k, v, weights=w, chunk_size=C5, return_state=True, causal=True, **M.PRESETS[preset], **gt)
     return jnp.sum(y * cot) + sum(jnp.sum(jnp.sin(x)) for x in st.weights)
 
 
@@ -187,8 +192,8 @@ def test_presets_gradients_equal_frozen_reference(preset):
 # ----------------------------------------------------------------------------- properties
 
 
-def _steps(state, q, k, v, gt, preset):
-    step = M.preset(M.step, preset)
+def _steps(state, q, k, v, gt, preset, chunk_size, activation="gelu"):
+    step = functools.partial(M.preset(M.step, preset), chunk_size=chunk_size, activation=activation)
 
     def body(st, xs):
         q_t, k_t, v_t, g_t = xs
@@ -200,7 +205,7 @@ def _steps(state, q, k, v, gt, preset):
     return jnp.moveaxis(ys, 0, 1), states
 
 
-steps = jax.jit(_steps, static_argnames="preset")
+steps = jax.jit(_steps, static_argnames=("preset", "chunk_size", "activation"))
 
 
 def test_memora_simplex_and_moneta_guard():
@@ -211,7 +216,7 @@ def test_memora_simplex_and_moneta_guard():
     a0 = (rand(31, H, D, D),)
     st0 = za.get("memora").init_state(B, H, D, weights=a0)
     gt = gates(g, "memora")
-    y_steps, states = steps(st0, q, k, v, gt, "memora")
+    y_steps, states = steps(st0, q, k, v, gt, "memora", C5)
     (w_all,) = M.memory_weights(states, retention="kl", kl_scale=1.0)
     assert np.all(np.asarray(w_all) >= 0)
     assert_close(jnp.sum(w_all, axis=-2), np.ones(w_all.shape[:-2] + w_all.shape[-1:]), atol=1e-6, what="sums")
@@ -219,31 +224,73 @@ def test_memora_simplex_and_moneta_guard():
     (w_end,) = M.memory_weights(st, retention="kl", kl_scale=c)
     assert np.all(np.asarray(w_end) >= 0)
     assert_close(jnp.sum(w_end, axis=-2), np.full(w_end.shape[:-2] + w_end.shape[-1:], c), atol=1e-5, what="c")
-    y1, _ = _miras(q, k, v, weights=a0, chunk_size=1, **M.PRESETS["memora"], **gt)
-    assert_close(y_steps, y1, **TOL, what="memora step == chunk 1")
+    y5, _ = _miras(q, k, v, weights=a0, chunk_size=C5, **M.PRESETS["memora"], **gt)
+    assert_close(y_steps, y5, **TOL, what="memora step == chunked")
     # Moneta from A = 0 (the default): the normaliser is guarded, outputs and gradients finite
     zeros = (jnp.zeros((H, D, D)),)
     assert np.all(np.asarray(M.memory_weights(zeros, retention="lq")[0]) == 0)
-    f = lambda q, k, v, w: jnp.sum(M.moneta(q, k, v, weights=w, chunk_size=C5, theta=g["theta"]) ** 2)
+    f = lambda q, k, v, w: jnp.sum(M.moneta(q, k, v, weights=w, chunk_size=C5, theta=g["theta"], causal=True) ** 2)
     out = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(q, k, v, zeros)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(out))
     assert float(out[0]) > 0
 
 
-def test_registry_defaults_and_bf16_long():
+@pytest.mark.parametrize("preset,chunk", [("moneta", 3), ("yaad", 4), ("memora", 3), ("memora", 1)])
+def test_decoding_is_exact_for_every_chunk_size(preset, chunk):
+    """Regression (issue 10, defect 2): with T = 13 (not a multiple of 3 or 4) and a 2-layer
+    memory, parallel == reference(C) == init_state + prefill(5 tokens, ending inside a chunk for
+    C = 3, 4) + step(the other 8) == prefill(5) + prefill(8) (the second from a mid-chunk
+    state), outputs and final states, 1e-5."""
+    q, k, v, g = inputs(seed=33)
+    gt = gates(g, preset)
+    kw = dict(chunk_size=chunk, activation="tanh", **M.PRESETS[preset])
+    st0 = T.init_state(B, H, D, weights=weights(2))
+    y_ref, st_ref = _naive(q, k, v, initial_state=st0, **kw, **gt)
+    y, st = _miras(q, k, v, initial_state=st0, **kw, **gt)
+    assert_close(y, y_ref, **DTOL, what=f"{preset} C={chunk} y")
+    tree_assert_close(st, st_ref, **DTOL, what=f"{preset} C={chunk} state")
+    n = 5
+    g1, g2 = {a: x[:, :n] for a, x in gt.items()}, {a: x[:, n:] for a, x in gt.items()}
+    y1, st1 = M.miras(q[:, :n], k[:, :n], v[:, :n], initial_state=st0, return_state=True, causal=True, **kw, **g1)
+    y2, _ = steps(st1, q[:, n:], k[:, n:], v[:, n:], g2, preset, chunk, "tanh")
+    assert_close(jnp.concatenate([y1, y2], axis=1), y_ref, **DTOL, what=f"{preset} C={chunk} prefill + step")
+    y2p, st2 = _miras(q[:, n:], k[:, n:], v[:, n:], initial_state=st1, **kw, **g2)
+    assert_close(y2p, y_ref[:, n:], **DTOL, what=f"{preset} C={chunk} prefill + prefill")
+    tree_assert_close(st2, st_ref, **DTOL, what=f"{preset} C={chunk} prefill + prefill state")
+
+
+@pytest.mark.parametrize("name", PRESETS + ("miras",))
+def test_registered_transform_decodes_as_it_trains(name):
+    """The registered defaults (chunk_size 64 in every form) make the parallel form, the
+    reference and init_state + prefill + step agree (moneta's reference used to run the exact
+    recurrence while its parallel form ran chunks of 64)."""
+    tr = za.get(name)
+    assert tr.causal_only and tr.init_state_fn is T.init_state
     q, k, v, _ = inputs(seed=32)
-    for name in PRESETS + ("miras",):
-        tr = za.get(name)
-        assert tr.causal_only and tr.init_state is T.init_state
-        y = tr(q, k, v)  # zero-initialised matrix memory, default gates
-        assert y.shape == v.shape and np.all(np.isfinite(np.asarray(y)))
-    assert_close(za.get("yaad")(q, k, v), M.yaad(q, k, v), atol=0, what="registered yaad")
+    opts = dict(theta=0.05)  # matrix memory from zeros, registered defaults otherwise
+    y = jax.jit(lambda q, k, v: tr(q, k, v, causal=True, **opts))(q, k, v)
+    assert y.shape == v.shape and float(jnp.abs(y).max()) > 0
+    assert_close(jax.jit(lambda q, k, v: tr.reference(q, k, v, causal=True, **opts))(q, k, v), y, **DTOL,
+                 what=f"{name} reference")
+    st = tr.init_state(B, H, D, **opts)
+    y1, st = jax.jit(functools.partial(tr.prefill, **opts))(st, q[:, :5], k[:, :5], v[:, :5])
+    step = jax.jit(functools.partial(tr.step, **opts))
+    ys = [y1]
+    for t in range(5, L):
+        y_t, st = step(st, q[:, t], k[:, t], v[:, t])
+        ys.append(y_t[:, None])
+    assert_close(jnp.concatenate(ys, axis=1), y, **DTOL, what=f"{name} prefill + step")
+
+
+def test_registry_presets_and_bf16_long():
+    q, k, v, _ = inputs(seed=32)
+    assert_close(za.get("yaad")(q, k, v, causal=True), M.yaad(q, k, v, causal=True), atol=0, what="registered yaad")
     # bf16 unit-variance inputs on a 4k sequence, 2-layer MLP memories, default gates: finite
     rng = np.random.default_rng(0)
     x = [jnp.asarray(rng.standard_normal((1, 4096, 2, 16)), jnp.bfloat16) for _ in range(3)]
     key = jax.random.PRNGKey(2)
     for name in PRESETS:
-        out = jax.jit(lambda q, k, v, name=name: za.get(name)(q, k, v, depth=2, key=key))(*x)
+        out = jax.jit(lambda q, k, v, name=name: za.get(name)(q, k, v, depth=2, key=key, causal=True))(*x)
         assert out.dtype == jnp.bfloat16
         out = np.asarray(out.astype(jnp.float32))
         assert np.all(np.isfinite(out)) and 0 < np.abs(out).max() < 1e3, name
@@ -266,14 +313,33 @@ def test_bad_inputs():
         (dict(kl_scale=0.0), "kl_scale"),
         (dict(depth=0), "depth"),
         (dict(k=k[:, :, :, :2]), "head_dim"),
+        (dict(v=v.astype(np.int32)), "v must be a floating"),
+        (dict(theta=-1e-3), "theta"),
+        (dict(algorithm="momentum", eta=1.5), "eta"),
+        (dict(alpha=-0.2), "alpha"),
+        (dict(alpha=np.full((B, L, H), np.nan, np.float32)), "alpha"),
+        (dict(bias="huber", delta=-1.0), "delta"),
+        (dict(bias="huber", delta=np.nan), "delta"),
+        (dict(chunk_size=0), "chunk_size"),
         (dict(causal=False), "causal"),
     ]
     for kw, match in cases:
-        args = dict(q=q, k=k, v=v)
+        args = dict(q=q, k=k, v=v, causal=True)
         args.update(kw)
-        with pytest.raises(ValueError, match=match):
-            M.miras(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+        for fn in (M.miras, M.miras_naive):
+            if fn is M.miras_naive and "form" in kw:
+                continue
+            with pytest.raises(ValueError, match=match):
+                fn(args["q"], args["k"], args["v"], **{n: x for n, x in args.items() if n not in ("q", "k", "v")})
+    for fn in (M.miras, M.moneta, M.yaad, M.memora):  # causal only: the default causal=False raises
+        with pytest.raises(ValueError, match="causal"):
+            fn(q, k, v)
     with pytest.raises(ValueError, match="name"):
         M.preset(M.miras, "titans2")
-    with pytest.raises(ValueError, match="eta"):
-        M.step(T.init_state(B, H, D), q[:, 0], k[:, 0], v[:, 0], eta=0.9)
+    st = T.init_state(B, H, D)
+    for kw, match in ((dict(eta=0.9), "eta"), (dict(bias="huber", delta=-0.5), "delta"),
+                      (dict(theta=np.nan), "theta"), (dict(alpha=2.0), "alpha")):
+        with pytest.raises(ValueError, match=match):
+            M.step(st, q[:, 0], k[:, 0], v[:, 0], **kw)
+    with pytest.raises(ValueError, match="q_t must be a floating"):
+        M.step(st, q[:, 0].astype(np.int32), k[:, 0], v[:, 0])

@@ -1,11 +1,14 @@
 """Titans neural memory: chunked forms == sequential reference (gradients frozen at chunk starts)
-== independent float64 numpy recurrences; DeltaNet as a special case; state chaining, decoding.
+== independent float64 numpy recurrences; DeltaNet as a special case; exact decoding for every
+chunk size (parallel == reference == init_state + prefill + step, also from inside a chunk);
+causal only; gate ranges.
 
 Tolerances (float32 vs float64 numpy or vs the float32 reference, values O(1)-O(10), sums of
-<= 20 terms): outputs and states 2e-5 abs + 2e-5 rel (MLP memories 5e-5); gradients 1e-4 abs +
-1e-4 rel.
+<= 20 terms): outputs and states 2e-5 abs + 2e-5 rel (MLP memories 5e-5); float32 forms of the
+same recurrence against each other (decoding): 1e-5 abs + 1e-5 rel; gradients 1e-4 abs + 1e-4 rel.
 """
 
+import functools
 import importlib
 
 import jax
@@ -21,12 +24,14 @@ T = importlib.import_module("zoo.attention.titans")  # the package exports a fun
 B, L, H, D = 2, 13, 2, 4
 TOL = dict(atol=2e-5, rtol=2e-5)
 MTOL = dict(atol=5e-5, rtol=5e-5)
+DTOL = dict(atol=1e-5, rtol=1e-5)
 GTOL = dict(atol=1e-4, rtol=1e-4)
 STATIC = ("depth", "expansion", "activation", "residual", "grad_clip", "chunk_size")
 # Jitted entry points that always return the state (one compiled program per configuration,
 # shared by the tests: compilation dominates the run time of these tiny shapes).
-_titans = jax.jit(lambda *a, **kw: T.titans(*a, return_state=True, **kw), static_argnames=STATIC + ("form",))
-_naive = jax.jit(lambda *a, **kw: T.titans_naive(*a, return_state=True, **kw), static_argnames=STATIC)
+_titans = jax.jit(lambda *a, **kw: T.titans(*a, return_state=True, causal=True, **kw),
+                  static_argnames=STATIC + ("form",))
+_naive = jax.jit(lambda *a, **kw: T.titans_naive(*a, return_state=True, causal=True, **kw), static_argnames=STATIC)
 
 
 def titans(*a, return_state=False, **kw):
@@ -129,8 +134,7 @@ def test_reference_and_chunked_equal_numpy(depth):
     for chunk in (1, C5):
         y_np, ws_np, ms_np = np_titans(q, k, v, g["theta"], g["eta"], g["alpha"], w, chunk=chunk, act=act)
         runs = {
-            "naive": titans_naive(q, k, v, chunk_size=None if chunk == 1 else chunk, return_state=True,
-                                  **mlp(depth), **g),
+            "naive": titans_naive(q, k, v, chunk_size=chunk, return_state=True, **mlp(depth), **g),
             "dual": titans(q, k, v, chunk_size=chunk, return_state=True, **mlp(depth), **g),
         }
         if chunk > 1:
@@ -158,7 +162,7 @@ def test_chunked_equals_frozen_reference(depth, chunk, forms):
 
 def _loss(fn, cot, q, k, v, theta, eta, alpha, w, **kw):
     y, st = fn(q, k, v, theta=theta, eta=eta, alpha=alpha, weights=w, activation="tanh",
-               chunk_size=C5, return_state=True, **kw)
+               chunk_size=C5, return_state=True, causal=True, **kw)
     return jnp.sum(y * cot) + sum(jnp.sum(jnp.sin(x)) for x in st.weights + st.momentum)
 
 
@@ -188,7 +192,7 @@ def _run_steps(state, q, k, v, gates, **kw):
     return jnp.moveaxis(ys, 0, 1)
 
 
-run_steps = jax.jit(_run_steps, static_argnames=("activation",))
+run_steps = jax.jit(_run_steps, static_argnames=("activation", "chunk_size"))
 
 
 def test_linear_memory_without_momentum_and_decay_is_deltanet():
@@ -197,13 +201,85 @@ def test_linear_memory_without_momentum_and_decay_is_deltanet():
     gates = dict(theta=g["theta"] * 10, eta=np.zeros_like(g["eta"]), alpha=np.zeros_like(g["alpha"]))
     y_dn = np_deltanet(q, kn, v, 2.0 * gates["theta"])  # beta = 2 theta with the loss ||.||^2
     w0 = (jnp.zeros((H, D, D)),)
-    assert_close(titans_naive(q, kn, v, weights=w0, **gates), y_dn, **TOL, what="naive")
+    assert_close(titans_naive(q, kn, v, weights=w0, chunk_size=1, **gates), y_dn, **TOL, what="naive")
     assert_close(titans(q, kn, v, weights=w0, chunk_size=1, **gates), y_dn, **TOL, what="dual")
-    y_steps = run_steps(T.init_state(B, H, D), q, kn, v, gates)
+    y_steps = run_steps(T.init_state(B, H, D), q, kn, v, gates, chunk_size=1)
     assert_close(y_steps, y_dn, **TOL, what="step")
 
 
-def test_chaining_and_decoding():
+def _split(x, n):
+    return x[:, :n], x[:, n:]
+
+
+def _gsplit(g, n):
+    return {name: x[:, :n] for name, x in g.items()}, {name: x[:, n:] for name, x in g.items()}
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+def test_decoding_is_exact_for_every_chunk_size(chunk):
+    """Regression (issue 10, defect 2): for C in {1, 3, 4} and T = 13 (not a multiple of 3 or 4),
+    parallel == reference(C) == init_state + prefill(5 tokens: ends inside a chunk for C = 3, 4)
+    + step(the other 8), outputs and final states (frozen weights and count included), 1e-5."""
+    q, k, v, g = inputs(seed=4)
+    kw = dict(chunk_size=chunk, activation="tanh")
+    st0 = T.init_state(B, H, D, weights=weights(2))
+    y_ref, st_ref = titans_naive(q, k, v, initial_state=st0, return_state=True, **kw, **g)
+    for form in ("dual", "materialize"):
+        y, st = titans(q, k, v, initial_state=st0, form=form, return_state=True, **kw, **g)
+        assert_close(y, y_ref, **DTOL, what=f"{form} C={chunk} y")
+        tree_assert_close(st, st_ref, **DTOL, what=f"{form} C={chunk} state")
+    n = 5
+    (q1, q2), (k1, k2), (v1, v2), (g1, g2) = _split(q, n), _split(k, n), _split(v, n), _gsplit(g, n)
+    # eager calls: the state's count is concrete, the stream is laid on the chunk grid statically
+    y1, st1 = T.titans(q1, k1, v1, initial_state=st0, return_state=True, causal=True, **kw, **g1)
+    assert int(st1.count) == n
+    y2 = run_steps(st1, q2, k2, v2, g2, **kw)
+    assert_close(jnp.concatenate([y1, y2], axis=1), y_ref, **DTOL, what=f"prefill + step C={chunk}")
+    # a second parallel call from the mid-chunk state: concrete count (static grid) and traced
+    # count (the gathered form under jit) both continue exactly
+    y2p, st2 = T.titans(q2, k2, v2, initial_state=st1, return_state=True, causal=True, **kw, **g2)
+    assert_close(y2p, y_ref[:, n:], **DTOL, what=f"prefill + prefill C={chunk}")
+    tree_assert_close(st2, st_ref, **DTOL, what=f"prefill + prefill state C={chunk}")
+    y2t, st2t = _titans(q2, k2, v2, initial_state=st1, **kw, **g2)
+    assert_close(y2t, y_ref[:, n:], **DTOL, what=f"prefill + traced prefill C={chunk}")
+    tree_assert_close(st2t, st_ref, **DTOL, what=f"prefill + traced prefill state C={chunk}")
+
+
+def test_continues_from_per_sequence_counts():
+    """A [batch] count (sequences at different positions of the chunk grid, traced): the
+    parallel form equals the reference from the same state."""
+    q, k, v, g = inputs(seed=14)
+    st = T.init_state(B, H, D, weights=weights(2))
+    _, st = titans(q[:, :2], k[:, :2], v[:, :2], initial_state=st, chunk_size=4, activation="tanh",
+                   return_state=True, **_gsplit(g, 2)[0])
+    st = st._replace(count=jnp.array([2, 7], jnp.int32))  # frozen weights of a chunk start, mid-chunk
+    kw = dict(initial_state=st, chunk_size=4, activation="tanh", **g)
+    y_ref, st_ref = titans_naive(q, k, v, return_state=True, **kw)
+    y, st_par = titans(q, k, v, return_state=True, **kw)
+    assert_close(y, y_ref, **DTOL, what="[batch] count y")
+    tree_assert_close(st_par, st_ref, **DTOL, what="[batch] count state")
+    np.testing.assert_array_equal(np.asarray(st_par.count), [2 + L, 7 + L])
+
+
+def test_registered_transform_decodes_as_it_trains():
+    """``za.get("titans")``: the parallel form, the reference and init_state + prefill + step agree
+    with the registered defaults (chunk_size 64 in every form) and with a given chunk size."""
+    tr = za.get("titans")
+    q, k, v, g = inputs(seed=15)
+    for opts in ({}, {"chunk_size": 3}):
+        y = tr(q, k, v, causal=True, **opts)
+        assert_close(tr.reference(q, k, v, causal=True, **opts), y, **DTOL, what=f"reference {opts}")
+        st = tr.init_state(B, H, D, **opts)
+        y1, st = jax.jit(functools.partial(tr.prefill, **opts))(st, q[:, :5], k[:, :5], v[:, :5])
+        step = jax.jit(functools.partial(tr.step, **opts))
+        ys = [y1]
+        for t in range(5, L):
+            y_t, st = step(st, q[:, t], k[:, t], v[:, t])
+            ys.append(y_t[:, None])
+        assert_close(jnp.concatenate(ys, axis=1), y, **DTOL, what=f"prefill + step {opts}")
+
+
+def test_chaining_at_a_chunk_boundary():
     q, k, v, g = inputs(seed=4)
     y_full, st_full = titans(q, k, v, chunk_size=C5, return_state=True, **mlp(2), **g)
     # two parts split at a chunk boundary, state carried == one pass
@@ -214,11 +290,6 @@ def test_chaining_and_decoding():
                      return_state=True, **gpart(slice(10, None)))
     assert_close(jnp.concatenate([y1, y2], axis=1), y_full, **MTOL, what="chained y")
     tree_assert_close(st2, st_full, **MTOL, what="chained state")
-    # decoding: prefill 10 tokens (chunk 1), then step token by token == the recurrence on all 13
-    y_rec = titans_naive(q, k, v, **mlp(2), **g)
-    y_pre, st_pre = titans(*part(slice(0, 10)), chunk_size=1, return_state=True, **mlp(2), **gpart(slice(0, 10)))
-    y_dec = run_steps(st_pre, *part(slice(10, None)), gpart(slice(10, None)), activation="tanh")
-    assert_close(jnp.concatenate([y_pre, y_dec], axis=1), y_rec, **MTOL, what="prefill + step")
 
 
 def test_causality():
@@ -261,28 +332,30 @@ def test_grad_clip_and_grouped_heads():
 def test_default_gates_and_registry():
     q, k, v, g = inputs(seed=9)
     tr = za.get("titans")
-    assert tr.causal_only and tr.step is T.step and tr.reference is T.titans_naive
+    assert tr.causal_only and tr.step_fn is T.step and tr.reference_fn is T.titans_naive
     full = lambda x: np.full((B, L, H), x, np.float32)
-    y = jax.jit(tr.fn)(q, k, v)  # matrix memory from zeros, default gates, default chunk
+    y = jax.jit(functools.partial(tr.fn, causal=True))(q, k, v)  # matrix memory from zeros, default gates and chunk
     y_ref = titans_naive(q, k, v, weights=(jnp.zeros((H, D, D)),), theta=full(0.01 / D), eta=full(0.5),
                          alpha=full(0.0), chunk_size=64)
     assert_close(y, y_ref, **TOL, what="defaults")
     st = tr.init_state(B, H, D, depth=2, key=jax.random.PRNGKey(0))
     assert [x.shape for x in st.weights] == [(B, H, D, 4 * D), (B, H, 4 * D, D)]
+    assert [x.shape for x in st.frozen] == [x.shape for x in st.weights]
     assert all(np.all(np.asarray(x) == 0) for x in st.momentum)
+    assert st.count.shape == () and st.count.dtype == jnp.int32 and int(st.count) == 0
 
 
 def test_jit_vmap_bf16_long():
     q, k, v, g = inputs(seed=10)
     y = titans(q, k, v, chunk_size=C5, **mlp(1), **g)
-    yv = jax.jit(jax.vmap(lambda q, k, v: T.titans(q, k, v, chunk_size=C5, **mlp(1), **g)))(
+    yv = jax.jit(jax.vmap(lambda q, k, v: T.titans(q, k, v, chunk_size=C5, causal=True, **mlp(1), **g)))(
         np.stack([q, q * 0.5]), np.stack([k, k]), np.stack([v, v]))
     assert_close(yv[0], y, atol=1e-6, what="vmap")
     # bf16 unit-variance inputs on a 4k sequence, default gates: finite, for a matrix and a
     # 2-layer MLP memory (GELU, hidden 4 * 16)
     rng = np.random.default_rng(0)
     x = [jnp.asarray(rng.standard_normal((1, 4096, 2, 16)), jnp.bfloat16) for _ in range(3)]
-    run = jax.jit(T.titans, static_argnames=("depth",))
+    run = jax.jit(functools.partial(T.titans, causal=True), static_argnames=("depth",))
     for depth in (1, 2):
         out = run(*x, depth=depth, key=jax.random.PRNGKey(1))
         assert out.dtype == jnp.bfloat16
@@ -296,27 +369,46 @@ def test_bad_inputs():
     cases = [
         (dict(k=k[..., :3]), "head_dim"),
         (dict(v=v[:, :5]), "v must be"),
+        (dict(q=q.astype(np.int32)), "q must be a floating"),
         (dict(theta=g["theta"][:, :5]), "theta"),
         (dict(eta=np.ones(3)), "eta"),
         (dict(alpha=g["alpha"][..., None]), "alpha"),
+        (dict(theta=-0.1), "theta"),
+        (dict(theta=np.full((B, L, H), np.nan, np.float32)), "theta"),
+        (dict(eta=1.5), "eta"),
+        (dict(eta=-0.5), "eta"),
+        (dict(alpha=np.float32(np.nan)), "alpha"),
+        (dict(alpha=1.01), "alpha"),
         (dict(depth=0), "depth"),
         (dict(depth=2, weights=w), "depth"),
         (dict(weights=(w[0][:, :3],)), r"weights\[0\]"),
         (dict(weights=None, depth=2), "key"),
         (dict(chunk_size=0), "chunk_size"),
+        (dict(chunk_size=None), "chunk_size"),
         (dict(form="fast"), "form"),
         (dict(activation="swish"), "activation"),
         (dict(grad_clip=-1.0), "grad_clip"),
         (dict(causal=False), "causal"),
         (dict(initial_state=T.init_state(B, H + 1, D)), "state"),
+        (dict(initial_state=T.init_state(B, H, D)._replace(count=jnp.zeros((B + 1,), jnp.int32))), "count"),
+        (dict(initial_state=T.init_state(B, H, D)._replace(count=jnp.zeros(()))), "count"),
     ]
     for kw, match in cases:
-        args = dict(q=q, k=k, v=v, weights=w)
+        args = dict(q=q, k=k, v=v, weights=w, causal=True)
         args.update(kw)
-        with pytest.raises(ValueError, match=match):
-            T.titans(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+        for fn in (T.titans, T.titans_naive):
+            if fn is T.titans_naive and "form" in kw:
+                continue
+            with pytest.raises(ValueError, match=match):
+                fn(args["q"], args["k"], args["v"], **{n: x for n, x in args.items() if n not in ("q", "k", "v")})
+    with pytest.raises(ValueError, match="causal"):  # causal-only: the default causal=False raises
+        T.titans(q, k, v)
     st = T.init_state(B, H, D)
     with pytest.raises(ValueError, match="q_t"):
         T.step(st, q, k[:, 0], v[:, 0])
-    with pytest.raises(ValueError, match="theta"):
-        T.step(st, q[:, 0], k[:, 0], v[:, 0], theta=np.ones(5))
+    with pytest.raises(ValueError, match="k_t must be a floating"):
+        T.step(st, q[:, 0], k[:, 0].astype(np.int32), v[:, 0])
+    for kw, match in ((dict(theta=np.ones(5)), "theta"), (dict(theta=-1.0), "theta"), (dict(eta=2.0), "eta"),
+                      (dict(alpha=np.nan), "alpha"), (dict(chunk_size=0), "chunk_size")):
+        with pytest.raises(ValueError, match=match):
+            T.step(st, q[:, 0], k[:, 0], v[:, 0], **kw)

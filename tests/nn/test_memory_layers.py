@@ -1,6 +1,11 @@
-"""TitansMemory / MirasMemory layers: shapes, gradients, decode == forward (chunk_size 1 and the
-chunk-frozen decoding for C > 1), chunked forward == naive reference, causality, registered
-mixers inside DecoderLM, logical axis names, eval_shape, ValueErrors."""
+"""TitansMemory / MirasMemory layers: shapes, gradients, decode == forward and prefill + decode ==
+forward for every chunk size (the transform's own state and step: chunk-start weights and token
+count), chunked forward == naive reference, causality, registered mixers inside DecoderLM,
+logical axis names, eval_shape, ValueErrors.
+
+Tolerances: decode vs forward 1e-4 abs + 1e-4 rel (the output projection and RMS norm amplify
+float32 differences of the memory; values O(1)); prefill vs forward 1e-5 abs + 1e-5 rel on the
+memory path without output norm."""
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +75,8 @@ def test_titans_shapes_and_finite_gradients():
     ],
 )
 def test_titans_decode_matches_forward(kw):
-    """decode_step token by token == full forward (float32). With chunk_size=1 decoding is the
-    transform's exact step; with C > 1 the state keeps the chunk-start weights, so decoding equals
-    the chunked forward too."""
+    """decode_step token by token == full forward (float32): decoding is the transform's step, whose
+    state keeps the chunk-start weights, so it equals the chunked forward for C = 1 and C > 1."""
     m = TitansMemory(E, H, rngs=nnx.Rngs(1), **kw)
     x = _x(1)
     assert_close(_decode_all(m, x), fwd(m, x), atol=1e-4, rtol=1e-4, what=f"titans {kw}")
@@ -85,9 +89,9 @@ def test_titans_chunked_forward_equals_frozen_gradient_reference():
     x = _x(2)
     _, st = m.initial(B)
     f, _ = m.project(x, st.conv)
-    y = za.titans_naive(f["q"], f["k"], f["v"], **m.gates(x), chunk_size=4, initial_state=st.memory)
+    y = za.titans_naive(f["q"], f["k"], f["v"], **m.gates(x), chunk_size=4, initial_state=st.memory, causal=True)
     assert_close(fwd(m, x), m.output(x, y), atol=1e-5, rtol=1e-4, what="chunked vs naive(C=4)")
-    y1 = za.titans_naive(f["q"], f["k"], f["v"], **m.gates(x), initial_state=st.memory)
+    y1 = za.titans_naive(f["q"], f["k"], f["v"], **m.gates(x), chunk_size=1, initial_state=st.memory, causal=True)
     assert float(jnp.abs(m.output(x, y1) - fwd(m, x)).max()) > 1e-6  # C = 4 is not the C = 1 recurrence
 
 
@@ -102,18 +106,59 @@ def test_titans_causal():
 
 
 def test_titans_persistent_tokens_are_a_first_segment():
-    """Persistent tokens are read first: the state after them == the stream over P alone."""
+    """Persistent tokens are read first: the state after them == the stream over P alone, with
+    the token count reset to 0 (chunks restart at the first token of the sequence)."""
     m = TitansMemory(E, H, chunk_size=2, num_persistent=3, rngs=nnx.Rngs(4))
     out_p, st = m.initial(B)
     assert out_p.shape == (1, 3, E)
     y_ref, st_ref = m.stream(m.persistent[...][None], m._empty(1))
     assert_close(out_p, y_ref, atol=1e-6, what="prefix outputs")
-    tree_assert_close(st.memory, jax.tree.map(lambda a: jnp.broadcast_to(a, (B,) + a.shape[1:]), st_ref.memory),
-                      atol=1e-6, what="state after P")
+    grow = lambda a: jnp.broadcast_to(a, (B,) + a.shape[1:])
+    mem, ref = st.memory, st_ref.memory
+    arrays = lambda st: (st.weights, st.momentum, st.frozen)
+    tree_assert_close(arrays(mem), jax.tree.map(grow, arrays(ref)), atol=1e-6, what="state after P")
+    assert int(ref.count) == 3 and int(mem.count) == 0
     # and they matter: the same layer without them gives another output
     y = fwd(m, _x(4))
     m.persistent[...] = m.persistent[...] + 1.0
     assert float(jnp.abs(fwd(m, _x(4)) - y).max()) > 1e-5
+
+
+_prefill = nnx.jit(lambda layer, x, state, position: layer.prefill(x, state, position))
+
+
+def _prefill_then_decode(layer, x, n, traced):
+    """init_state, prefill of x[:, :n] at position 0, then decode_step over the rest; and a second
+    prefill of x[:, n:] at position n from the state after the first."""
+    st0 = layer.init_state(x.shape[0])
+    pre = _prefill if traced else (lambda m, x, s, p: m.prefill(x, s, p))
+    y1, st1 = pre(layer, x[:, :n], st0, 0)
+    ys = [y1]
+    st = st1
+    for t in range(n, x.shape[1]):
+        y, st = _step(layer, x[:, t], st, jnp.int32(t))
+        ys.append(y[:, None])
+    y2, st2 = pre(layer, x[:, n:], st1, n)
+    return jnp.concatenate(ys, axis=1), jnp.concatenate([y1, y2], axis=1), st, st2
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+def test_titans_prefill_then_decode_equals_forward(chunk):
+    """Regression (issue 10): prefill(first 5 tokens: ends inside a chunk for C = 3, 4; T = 11 is
+    not a multiple of C) + decode_step(rest) == prefill + prefill(rest, position=5) == forward,
+    eager (concrete position) and under jit (traced state); the decoding state is the
+    transform's MemoryState (frozen chunk-start weights and count, no copy in the layer)."""
+    m = TitansMemory(E, H, chunk_size=chunk, depth=2, conv=2, num_persistent=2, output_norm=False,
+                     rngs=nnx.Rngs(8))
+    x = _x(8)
+    y = fwd(m, x)
+    for traced in (False, True) if chunk > 1 else (True,):
+        y_dec, y_pre, st_dec, st_pre = _prefill_then_decode(m, x, 5, traced)
+        assert_close(y_dec, y, atol=1e-5, rtol=1e-5, what=f"prefill + decode C={chunk} traced={traced}")
+        assert_close(y_pre, y, atol=1e-5, rtol=1e-5, what=f"prefill + prefill C={chunk} traced={traced}")
+        tree_assert_close(st_pre, st_dec, atol=1e-5, rtol=1e-5, what=f"states C={chunk} traced={traced}")
+    assert isinstance(st_dec.memory, za.MemoryState) and MemoryLayerState._fields == ("memory", "conv")
+    assert int(st_dec.memory.count) == T
 
 
 # ----------------------------------------------------------------------------- Miras
@@ -127,6 +172,10 @@ def test_miras_presets_decode_matches_forward(preset, chunk):
     y = fwd(m, x)
     assert y.shape == (B, 8, E) and bool(jnp.all(jnp.isfinite(y)))
     assert_close(_decode_all(m, x), y, atol=1e-4, rtol=1e-4, what=f"{preset} C={chunk}")
+    if chunk > 1:  # prefill of 4 tokens ends inside a chunk of 3
+        y_dec, y_pre, _, _ = _prefill_then_decode(m, x, 4, traced=True)
+        assert_close(y_dec, y, atol=1e-4, rtol=1e-4, what=f"{preset} C={chunk} prefill + decode")
+        assert_close(y_pre, y, atol=1e-4, rtol=1e-4, what=f"{preset} C={chunk} prefill + prefill")
 
 
 def test_miras_choices_and_gates():
@@ -160,9 +209,10 @@ def test_miras_l2_momentum_equals_titans():
 
 
 def test_registered_mixers_decode_in_decoder_lm():
-    for name in ("titans_memory", "miras_memory", "moneta_layer", "yaad_layer", "memora_layer"):
+    for name in ("titans_memory", "miras_memory"):
         assert name in zn.mixer_names()
-    mixers = [{"module": "titans_memory", "chunk_size": 2}, {"module": "memora_layer", "chunk_size": 3}]
+    mixers = [{"module": "titans_memory", "chunk_size": 2},
+              {"module": "miras_memory", "preset": "memora", "chunk_size": 3}]
     m = DecoderLM(37, E, 2, H, mixers=mixers, max_len=16, rngs=nnx.Rngs(0))
     assert isinstance(m.blocks[0].mixer, TitansMemory) and m.blocks[1].mixer.preset == "memora"
     toks = jax.random.randint(jax.random.key(0), (B, 7), 0, 37, dtype=jnp.int32)
@@ -233,9 +283,26 @@ def test_miras_bad_config_raises(kw, arg):
 
 def test_bad_inputs_raise():
     m = TitansMemory(E, H, rngs=nnx.Rngs(0))
+    st = m.init_state(B)
     with pytest.raises(ValueError, match="causal"):
         m(_x(), causal=False)
     with pytest.raises(ValueError, match="x must be"):
         m(jnp.zeros((B, T, E + 1)))
+    with pytest.raises(ValueError, match="x must be a floating"):  # was a TypeError
+        m(jnp.zeros((B, T, E), jnp.int32))
+    with pytest.raises(ValueError, match="x must hold at least one token"):
+        m(jnp.zeros((B, 0, E)))
     with pytest.raises(ValueError, match="x_t must be"):
-        m.decode_step(jnp.zeros((B, 1, E)), m.init_state(B), 0)
+        m.decode_step(jnp.zeros((B, 1, E)), st, 0)
+    with pytest.raises(ValueError, match="x_t must be a floating"):
+        m.decode_step(jnp.zeros((B, E), jnp.int32), st, 0)
+    with pytest.raises(ValueError, match="x must be a floating"):
+        m.prefill(jnp.zeros((B, 3, E), jnp.int32), st)
+    for position in (-1, 0.5, jnp.zeros((B + 1,), jnp.int32)):
+        with pytest.raises(ValueError, match="position"):
+            m.prefill(_x(t=3), st, position)
+
+
+def test_numpy_integer_config():
+    m = TitansMemory(np.int64(E), np.int64(H), chunk_size=np.int64(3), depth=np.int32(1), rngs=nnx.Rngs(0))
+    assert type(m.chunk_size) is int and m.chunk_size == 3

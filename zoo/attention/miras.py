@@ -22,9 +22,13 @@ read with ``q_t``. The four choices:
 The update, with gradients ``g_t = grad_W l(W_{t'}; k_t, v_t)`` taken at the effective weights of
 the chunk start ``t'`` (``t' = t - 1`` for ``chunk_size=1``, the exact recurrence):
 
-    S_t = eta_t S_{t-1} - theta_t g_t      (gd: S_t = -theta_t g_t)
+    S_t = eta_t S_{t-1} - theta_t g_t      (gd: the write is -theta_t g_t; the state's S stays as given)
     A_t = (1 - alpha_t) A_{t-1} + S_t     (retention "none": alpha = 0)
     W_t = R(A_t),   y_t = M_{W_t}(q_t)
+
+Gates: ``theta >= 0``, ``eta in [0, 1]``, ``alpha in [0, 1]``, ``delta >= 0``, no NaN (checked when
+concrete; a ValueError names the gate). Causal only: every form raises a ValueError unless
+``causal=True``.
 
 Known models are instances (tested against independent implementations):
 - unnormalised causal linear attention: matrix, ``dot``, ``none``, gd, ``theta = 1``;
@@ -39,7 +43,11 @@ Known models are instances (tested against independent implementations):
 Forms: the chunked form of :mod:`zoo.attention.titans` (``form="dual"`` for the identity read-outs
 ``none``/``l2``; ``"materialize"`` per-token weights for ``lq``/``kl``; ``"auto"`` picks), the
 token-by-token reference :func:`miras_naive`, and :func:`init_state` / :func:`step` for decoding.
-The Moneta/Memora normalisation is applied per token (no chunk-boundary approximation).
+All take ``chunk_size`` (default 64 in every form, 1 = the exact recurrence) with one meaning, so
+they agree given the same value; the :class:`MemoryState` keeps the chunk-start weights and the
+token count, so decoding continues the parallel form exactly, from any state (module docstring
+of :mod:`zoo.attention.titans`). The Moneta/Memora normalisation is applied per token (no
+chunk-boundary approximation).
 
 Paper: Behrouz, Razaviyayn, Zhong, Mirrokni, "It's All Connected: A Journey Through Test-Time
 Memorization, Attentional Bias, Retention, and Online Optimization" (arXiv 2504.13173, 2025).
@@ -54,7 +62,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from zoo.attention.common import check_choice, check_positive_int
+from zoo.attention.common import check_choice
 from zoo.attention.titans import (
     DEFAULT_ALPHA,
     DEFAULT_CHUNK,
@@ -62,6 +70,7 @@ from zoo.attention.titans import (
     THETA_SCALE,
     MemoryState,
     Rule,
+    check_chunk,
     check_options,
     gate,
     init_state,
@@ -213,8 +222,8 @@ def miras(
     p: float = 3.0, q_order: float = 4.0, kl_scale: float = 1.0, eps: float = 1e-6,
     weights: Sequence[Array] | None = None, depth: int | None = None, expansion: int = 4,
     key: Array | None = None, activation: str = "gelu", residual: bool = False,
-    grad_clip: float | None = None, chunk_size: int | None = None, form: str = "auto",
-    initial_state: MemoryState | None = None, return_state: bool = False, causal: bool = True,
+    grad_clip: float | None = None, chunk_size: int = DEFAULT_CHUNK, form: str = "auto",
+    initial_state: MemoryState | None = None, return_state: bool = False, causal: bool = False,
 ) -> Array | tuple[Array, MemoryState]:
     """A Miras memory, chunked parallel form (equations in the module docstring):
     ``S_t = eta_t S_{t-1} - theta_t grad l(R(A_{t'}); k_t, v_t)``, ``A_t = (1 - alpha_t) A_{t-1} + S_t``,
@@ -230,16 +239,19 @@ def miras(
       p: order of the ``lp`` bias; q_order: order of the ``lq`` retention; kl_scale: mass ``c`` of
         the ``kl`` simplex; eps: guard of the lq normaliser.
       weights / depth / expansion / key / activation / residual / grad_clip / initial_state /
-        return_state / chunk_size: as :func:`zoo.attention.titans.titans`. ``weights`` are the
-        parameters ``A`` (for ``kl`` the logits: zeros = uniform weights ``c / d_in``).
+        return_state / chunk_size: as :func:`zoo.attention.titans.titans` (``chunk_size`` default
+        64 as in :func:`miras_naive` and :func:`step`; 1 = the exact recurrence; a state may
+        stop inside a chunk). ``weights`` are the parameters ``A`` (for ``kl`` the logits: zeros =
+        uniform weights ``c / d_in``).
       form: ``auto | dual | materialize`` (``dual`` needs retention none or l2).
+      causal: must be True (ValueError otherwise).
 
     Returns ``[batch, length, heads, value_dim]`` in ``v.dtype`` and the final state when
     ``return_state``.
 
     Paper: Behrouz et al., "It's All Connected" (arXiv 2504.13173, 2025), Sec. 3-5.
     """
-    check_positive_int("chunk_size", chunk_size)
+    chunk_size = check_chunk(chunk_size)
     check_choice("form", form, FORMS)
     xs, state, rule = _setup(
         q, k, v, bias=bias, retention=retention, algorithm=algorithm, theta=theta, eta=eta,
@@ -251,7 +263,7 @@ def miras(
         form = "dual" if rule.readout is None else "materialize"
     elif form == "dual" and rule.readout is not None:
         raise ValueError(f"form='dual' needs retention 'none' or 'l2'; got retention={retention!r}")
-    y, state = run_chunked(*xs, state, rule=rule, chunk=chunk_size or DEFAULT_CHUNK, form=form)
+    y, state = run_chunked(*xs, state, rule=rule, chunk=chunk_size, form=form)
     y = y.astype(v.dtype)
     return (y, state) if return_state else y
 
@@ -263,13 +275,14 @@ def miras_naive(
     p: float = 3.0, q_order: float = 4.0, kl_scale: float = 1.0, eps: float = 1e-6,
     weights: Sequence[Array] | None = None, depth: int | None = None, expansion: int = 4,
     key: Array | None = None, activation: str = "gelu", residual: bool = False,
-    grad_clip: float | None = None, chunk_size: int | None = None,
-    initial_state: MemoryState | None = None, return_state: bool = False, causal: bool = True,
+    grad_clip: float | None = None, chunk_size: int = DEFAULT_CHUNK,
+    initial_state: MemoryState | None = None, return_state: bool = False, causal: bool = False,
 ) -> Array | tuple[Array, MemoryState]:
-    """Reference: the Miras recurrence token by token (``jax.lax.scan``, ``jax.grad`` per token);
-    with ``chunk_size=C`` gradients are frozen at the weights of each chunk start (the oracle of
-    :func:`miras` with that chunk size). Arguments as :func:`miras`."""
-    check_positive_int("chunk_size", chunk_size)
+    """Reference: the Miras recurrence token by token (``jax.lax.scan``, ``jax.grad`` per token),
+    gradients at the effective weights of each chunk start (``chunk_size``, default 64 as
+    :func:`miras`; 1 = the exact recurrence): the oracle of :func:`miras` with the same chunk
+    size. Arguments as :func:`miras`."""
+    chunk_size = check_chunk(chunk_size)
     xs, state, rule = _setup(
         q, k, v, bias=bias, retention=retention, algorithm=algorithm, theta=theta, eta=eta,
         alpha=alpha, delta=delta, p=p, q_order=q_order, kl_scale=kl_scale, eps=eps, weights=weights,
@@ -309,14 +322,18 @@ def step(
     theta: Any = None, eta: Any = None, alpha: Any = None, delta: Any = None,
     p: float = 3.0, q_order: float = 4.0, kl_scale: float = 1.0, eps: float = 1e-6,
     activation: str = "gelu", residual: bool = False, grad_clip: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[Array, MemoryState]:
-    """One decoding step of a Miras memory: ``S <- eta S - theta grad l(R(A); k_t, v_t)``,
-    ``A <- (1 - alpha) A + S``, ``y_t = M_{R(A)}(q_t)``.
+    """One decoding step of a Miras memory: where ``state.count % chunk_size == 0`` the frozen
+    weights become ``R(A)``; ``S <- eta S - theta grad l(W_frozen; k_t, v_t)``,
+    ``A <- (1 - alpha) A + S``, ``y_t = M_{R(A)}(q_t)``, ``count <- count + 1``. With the same
+    ``chunk_size`` (default 64 everywhere) steps continue :func:`miras` exactly.
 
     ``q_t [batch, heads, key_dim]``, ``k_t [batch, kv_heads, key_dim]``,
     ``v_t [batch, kv_heads, value_dim]``; gates scalars, ``[heads]`` or ``[batch, heads]``.
     Returns ``(y_t [batch, heads, value_dim] in v_t.dtype, new_state)``.
     """
+    chunk_size = check_chunk(chunk_size)
     check_choices(bias, retention, algorithm, p=p, q_order=q_order, kl_scale=kl_scale, eps=eps,
                    eta=eta, alpha=alpha, delta=delta)
     state, q, k, v, b, h = step_inputs(state, q_t, k_t, v_t)
@@ -329,7 +346,7 @@ def step(
     dl = step_gate("delta", DEFAULT_DELTA if delta is None else delta, b, h) if bias == "huber" else None
     rule = make_rule(bias, retention, p=p, q_order=q_order, kl_scale=kl_scale, eps=eps,
                  activation=activation, residual=residual, grad_clip=grad_clip)
-    y, state = run_step(state, q, k, v, th, et, al, dl, rule)
+    y, state = run_step(state, q, k, v, th, et, al, dl, rule, chunk_size)
     return y.astype(v_t.dtype), state
 
 

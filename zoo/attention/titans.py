@@ -13,14 +13,15 @@ with per-token gates ``theta_t >= 0``, ``eta_t in [0, 1]``, ``alpha_t in [0, 1]`
 modules). An MLP of depth ``L`` computes ``h_0 = x, z_l = h_{l-1} W_l, h_l = act(z_l)`` and
 ``M(x) = z_L`` (``+ x`` with ``residual=True``), weights ``W_l [d_{l-1}, d_l]``, no biases.
 
-Forms:
+Forms (every form takes ``chunk_size`` C, default ``DEFAULT_CHUNK`` = 64, and means the same
+recurrence by it: the gradient of token t is taken at the effective weights ``M_{t'}`` of the
+start of its chunk, chunks being the blocks of C consecutive tokens counted from the start of
+the stream; ``chunk_size=1`` is the exact recurrence, gradient at ``M_{t-1}``):
 - :func:`titans`, the chunked parallel training form (paper Sec. 3.2): the gradients of all
   tokens of a chunk are taken at the chunk-start weights ``M_{t'}``, then momentum and decay are
   linear recurrences inside the chunk; the state ``(M, S)`` is carried across chunks by one
   ``jax.lax.scan`` (any length: a ragged last chunk is zero-padded at the end, which by
-  causality changes no kept output, and the state is read at its last real token). This equals
-  the sequential recurrence with gradients frozen at chunk starts, and the recurrence itself
-  for ``chunk_size=1``.
+  causality changes no kept output, and the state is read at its last real token).
   Each per-token gradient of layer ``l`` is an outer product ``h_{l-1,j}^T delta_{l,j}`` (layer
   input times error signal), obtained for the whole chunk from one ``jax.grad`` of the summed
   loss w.r.t. per-token pre-activation offsets (the same numbers as ``vmap(grad)`` at the
@@ -34,8 +35,24 @@ Forms:
   two ``jax.lax.associative_scan`` s (momentum, then decay) and reads with them; it costs
   ``chunk_size * |M|`` memory and is the form for non-linear read-outs (:mod:`zoo.attention.miras`).
 - :func:`titans_naive`, the obviously right reference: a ``jax.lax.scan`` over tokens with
-  ``jax.grad`` of the loss at each step, optionally with gradients frozen at chunk starts.
+  ``jax.grad`` of the loss at each step, at the chunk-start weights it keeps in its carry.
 - :func:`init_state` / :func:`step`: one-token decoding on an explicit :class:`MemoryState`.
+
+Decoding is exact for every chunk size: the :class:`MemoryState` carries, besides ``(M, S)``,
+the chunk-start effective weights ``frozen`` and the number of tokens consumed ``count``. A
+:func:`step` refreshes ``frozen`` to the current weights where ``count % C == 0`` (a
+``jnp.where``, so it traces once) and takes the token's gradient there, so
+``titans(x[:n], return_state=True)`` followed by steps over ``x[n:]`` equals ``titans(x)``.
+The parallel forms continue from any state, also one in the middle of a chunk
+(``r = count % C != 0``, concrete or traced under ``jit``): the stream is laid on the chunk grid
+by ``r`` neutral tokens in front (``theta = 0``, ``eta = 1``, ``alpha = 0`` and a mask that
+keeps their momentum out of the weights: they change nothing), the first chunk takes its
+gradients at the state's ``frozen`` weights, and the rest is the ordinary chunked form. With a
+concrete ``count`` the front padding has exactly ``r`` tokens (none at a chunk start, the
+common case, at no cost); with a traced one the stream is gathered into a fixed length
+``T + C - 1`` (``r`` neutral tokens in front, the rest after: at most ``C - 1`` extra tokens).
+``count`` is an int32 scalar (every sequence of the batch has consumed as many tokens); a
+``[batch]`` count (sequences at different positions) is accepted as well.
 
 Numerics: everything in float32. The segment decays ``D`` and ``G`` above are prefix products
 (``jax.lax.associative_scan``) of masked factors in ``[0, 1]``: no ratio of cumulative products
@@ -45,6 +62,12 @@ no overflow (underflow goes to the right limit 0), exact and differentiable at `
 and ``eta = 0``. ``grad_clip`` rescales each token's gradient to a
 global norm (over all layers) of at most ``grad_clip``; in factored form
 ``||h^T delta||_F = ||h|| ||delta||``, so the clipped chunked form stays exact.
+
+Gates (per token, checked when concrete: a ValueError names the gate): ``theta >= 0``,
+``eta in [0, 1]``, ``alpha in [0, 1]`` (``delta >= 0`` for Miras' Huber bias), NaN nowhere.
+
+Causal only: every form raises a ValueError unless called with ``causal=True`` (the zoo's
+transforms take ``causal=False`` by default, like ``jax.nn.dot_product_attention``).
 
 Heads: one memory per query head; k/v with fewer heads (grouped-query) are repeated. Keys and
 queries are used as given: the paper's layer l2-normalises them (and adds SiLU and convolutions)
@@ -56,20 +79,28 @@ Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from zoo.attention.common import (
+    affine_scan,
+    as_int,
     check_choice,
-    check_positive_int,
     check_qkv,
+    check_range,
+    check_token,
+    chunk,
+    concrete,
     per_head,
     repeat_kv,
     shape_str,
+    unchunk,
 )
 
 Array = jax.Array
@@ -90,18 +121,32 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 THETA_SCALE = 0.01
 DEFAULT_ETA = 0.5
 DEFAULT_ALPHA = 0.0
+# Valid ranges of the gates (lo, hi; None = unbounded), checked when the values are concrete.
+GATE_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "theta": (0.0, None), "eta": (0.0, 1.0), "alpha": (0.0, 1.0), "delta": (0.0, None),
+}
+# The gates of a neutral token (no write, momentum kept, no decay): used to lay a stream that
+# starts inside a chunk on the chunk grid. Order: q, k, v, theta, eta, alpha, aux (delta).
+_NEUTRAL = (0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0)
 
 
 class MemoryState(NamedTuple):
-    """Recurrent state of a test-time memory (float32).
+    """Recurrent state of a test-time memory (float32 arrays, int32 ``count``).
 
-    weights: per layer ``[batch, heads, d_in, d_out]`` memory parameters (for Titans the MLP
+    weights: per layer ``[batch, heads, d_in, d_out]`` memory parameters ``A`` (for Titans the MLP
       weights; for Miras read-outs such as Lq / KL the parameters before the read-out).
-    momentum: the surprise ``S`` with the same shapes.
+    momentum: the surprise ``S`` with the same shapes (unchanged by gradient descent without
+      momentum, Miras' ``algorithm="gd"``).
+    frozen: the effective weights ``R(A)`` at the start of the current chunk, where the gradients
+      of the chunk's tokens are taken (same shapes; only read while ``count % chunk_size != 0``).
+    count: tokens consumed, int32 ``[]`` (or ``[batch]``); a chunk starts where
+      ``count % chunk_size == 0``.
     """
 
     weights: tuple[Array, ...]
     momentum: tuple[Array, ...]
+    frozen: tuple[Array, ...]
+    count: Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +208,8 @@ def init_weights(
     ``W ~ N(0, 1 / d_in)`` drawn from ``key`` (required: an all-zero MLP memory never learns, its
     gradients vanish).
     """
-    check_positive_int("depth", depth, allow_none=False)
-    check_positive_int("expansion", expansion, allow_none=False)
+    depth = as_int("depth", depth, allow_none=False)
+    expansion = as_int("expansion", expansion, allow_none=False)
     e = key_dim if value_dim is None else value_dim
     if depth == 1:
         return (jnp.zeros((heads, key_dim, e), jnp.float32),)
@@ -183,16 +228,17 @@ def init_state(
     weights: Sequence[Array] | None = None, depth: int | None = None, expansion: int = 4,
     key: Array | None = None,
 ) -> MemoryState:
-    """Decoding state: ``weights`` (per head ``[heads, d_in, d_out]``, default
-    :func:`init_weights`) broadcast over the batch, zero momentum."""
+    """Decoding state at the start of a stream: ``weights`` (per head ``[heads, d_in, d_out]``,
+    default :func:`init_weights`) broadcast over the batch, zero momentum, ``count = 0`` (the
+    next token starts a chunk, so ``frozen``, a copy of the weights here, is refreshed before use)."""
     w = _initial_weights(weights, depth, expansion, key, heads, head_dim,
                          head_dim if value_dim is None else value_dim)
     ws = tuple(jnp.broadcast_to(x, (batch,) + x.shape) for x in w)
-    return MemoryState(ws, tuple(jnp.zeros_like(x) for x in ws))
+    return MemoryState(ws, tuple(jnp.zeros_like(x) for x in ws), ws, jnp.zeros((), jnp.int32))
 
 
 def _initial_weights(weights, depth, expansion, key, heads, dk, dv) -> tuple[Array, ...]:
-    check_positive_int("depth", depth)
+    depth = as_int("depth", depth)
     if weights is None:
         return init_weights(key, heads, dk, dv, depth=1 if depth is None else depth, expansion=expansion)
     if not isinstance(weights, (list, tuple)) or not weights:
@@ -212,33 +258,58 @@ def _initial_weights(weights, depth, expansion, key, heads, dk, dv) -> tuple[Arr
     return ws
 
 
+def _check_count(count: Any, b: int) -> Any:
+    """``count`` as int32 (a NumPy array when concrete, so that the parallel forms can lay the
+    stream on the chunk grid statically); ValueError unless an integer ``[]`` or ``[batch]``."""
+    dt = getattr(count, "dtype", None)
+    if dt is None and isinstance(count, int) and not isinstance(count, bool):
+        dt = np.dtype(np.int32)
+    shape = tuple(getattr(count, "shape", ()))
+    if dt is None or not jnp.issubdtype(dt, jnp.integer) or shape not in ((), (b,)):
+        raise ValueError(f"state.count must be an integer array of shape [] or [batch={b}] (tokens consumed); "
+                         f"got {type(count).__name__} {shape_str(count)} {dt}")
+    c = concrete(count)
+    if c is not None:
+        if np.any(c < 0):
+            raise ValueError(f"state.count must be >= 0; got {c}")
+        return c.astype(np.int32)
+    return jnp.asarray(count, jnp.int32)
+
+
 def _check_state(state, b, h, dk, dv) -> MemoryState:
     if not isinstance(state, MemoryState):
         raise ValueError(f"initial_state/state must be a MemoryState; got {type(state).__name__}")
-    ws, ms = tuple(state.weights), tuple(state.momentum)
-    if not ws or len(ms) != len(ws):
-        raise ValueError(f"state must hold one weight and one momentum array per layer; got {len(ws)} "
-                         f"weights, {len(ms)} momenta")
+    ws, ms, fr = tuple(state.weights), tuple(state.momentum), tuple(state.frozen)
+    if not ws or len(ms) != len(ws) or len(fr) != len(ws):
+        raise ValueError(f"state must hold one weight, one momentum and one frozen array per layer; got "
+                         f"{len(ws)} weights, {len(ms)} momenta, {len(fr)} frozen")
     d_in = dk
-    for i, (w, m) in enumerate(zip(ws, ms)):
+    for i, (w, m, f) in enumerate(zip(ws, ms, fr)):
         last = i == len(ws) - 1
         ok = getattr(w, "ndim", 0) == 4 and w.shape[:3] == (b, h, d_in) and (not last or w.shape[3] == dv)
-        if not ok or getattr(m, "shape", None) != w.shape:
+        if not ok or getattr(m, "shape", None) != w.shape or getattr(f, "shape", None) != w.shape:
             raise ValueError(
-                f"state.weights[{i}] and state.momentum[{i}] must be [batch={b}, heads={h}, {d_in}, "
-                f"{dv if last else 'd_out'}]; got {shape_str(w)} and {shape_str(m)}"
+                f"state.weights[{i}], state.momentum[{i}] and state.frozen[{i}] must be [batch={b}, heads={h}, "
+                f"{d_in}, {dv if last else 'd_out'}]; got {shape_str(w)}, {shape_str(m)} and {shape_str(f)}"
             )
         d_in = w.shape[3]
-    return MemoryState(tuple(jnp.asarray(w, jnp.float32) for w in ws),
-                       tuple(jnp.asarray(m, jnp.float32) for m in ms))
+    f32 = lambda xs: tuple(jnp.asarray(x, jnp.float32) for x in xs)
+    return MemoryState(f32(ws), f32(ms), f32(fr), _check_count(state.count, b))
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
+def _check_gate_range(name: str, x: Any) -> None:
+    lo, hi = GATE_RANGES.get(name, (None, None))
+    check_range(name, x, lo, hi)
+
+
 def gate(name: str, x: Any, b: int, t: int, h: int) -> Array:
     """A gate given as a scalar, ``[heads]`` or per token ``[batch, length, heads]`` ->
-    ``[batch, length, heads]`` float32; ValueError naming ``name`` otherwise."""
+    ``[batch, length, heads]`` float32; ValueError naming ``name`` for another shape, or for a
+    concrete value outside its range (``GATE_RANGES``) or NaN."""
+    _check_gate_range(name, x)
     x = jnp.asarray(x, jnp.float32)
     if x.ndim <= 1:
         try:
@@ -257,7 +328,9 @@ def gate(name: str, x: Any, b: int, t: int, h: int) -> Array:
 
 
 def step_gate(name: str, x: Any, b: int, h: int) -> Array:
-    """A one-token gate (scalar, ``[heads]`` or ``[batch, heads]``) -> ``[batch, heads]``."""
+    """A one-token gate (scalar, ``[heads]`` or ``[batch, heads]``) -> ``[batch, heads]`` (range
+    checked as :func:`gate`)."""
+    _check_gate_range(name, x)
     x = jnp.asarray(x, jnp.float32)
     if x.ndim == 2 and x.shape == (b, h):
         return x
@@ -277,10 +350,19 @@ def check_options(*, activation: str, residual: bool, grad_clip: Any, dk: int, d
         raise ValueError(f"grad_clip must be a positive number or None; got {grad_clip!r}")
 
 
+def check_chunk(chunk_size: Any) -> int:
+    """``chunk_size`` as a positive ``int`` (NumPy integers accepted); ValueError otherwise."""
+    return as_int("chunk_size", chunk_size, allow_none=False)
+
+
+def check_causal(causal: Any) -> None:
+    if causal is not True:
+        raise ValueError(f"test-time memories are causal only: pass causal=True; got causal={causal!r}")
+
+
 def prepare(q, k, v, causal):
     """Validates q/k/v (causal only), repeats grouped k/v heads, returns float32 ``[B, T, H, d]``."""
-    if causal is not True:
-        raise ValueError(f"test-time memories are causal only; got causal={causal!r}")
+    check_causal(causal)
     _, _, groups = check_qkv(q, k, v, causal=True)
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     f = lambda x: jnp.asarray(x, jnp.float32)
@@ -290,11 +372,13 @@ def prepare(q, k, v, causal):
 def start_state(initial_state, weights, depth, expansion, key, b, h, dk, dv) -> MemoryState:
     if initial_state is not None:
         return _check_state(initial_state, b, h, dk, dv)
-    return init_state(b, h, dk, dv, weights=weights, depth=depth, expansion=expansion, key=key)
+    st = init_state(b, h, dk, dv, weights=weights, depth=depth, expansion=expansion, key=key)
+    return st._replace(count=np.zeros((), np.int32))  # concrete: a chunk starts at token 0
 
 
 # ----------------------------------------------------------------------------- chunked engine
-# Arrays inside: [B, H, C, d] per chunk, weights [B, H, d_in, d_out], gates [B, H, C] or None.
+# Arrays inside: [B, H, C, d] per chunk, weights [B, H, d_in, d_out], gates [B, H, C] or None,
+# mask [B, H, C] (1 = real token, 0 = neutral) or None (all real).
 
 
 def _clip_scale(sq: Array, clip: float) -> Array:
@@ -343,27 +427,27 @@ def _outer_sum(coef: Array, h: Array, d: Array) -> Array:
     return jnp.einsum("bhjd,bhje->bhde", h, coef[..., None] * d)
 
 
-def _chunk_dual(carry, xs, rule):
-    """One chunk in the dual form (identity read-out only); the state carried on is the one after
-    token ``row`` of the chunk (the last real token; later ones are padding)."""
-    ws, ms = carry
-    (q, k, v, theta, eta, alpha, aux), row = xs
+def _chunk_dual(ws, ms, gw, xs, mask, row, rule):
+    """One chunk in the dual form (identity read-out only), gradients at the weights ``gw``; the
+    state returned is the one after token ``row`` of the chunk (the last real token; later ones
+    are padding). ``mask`` keeps the momentum of neutral tokens out of the weights."""
+    q, k, v, theta, eta, alpha, aux = xs
     c = q.shape[2]
-    hs, deltas = _factors(ws, k, v, aux, rule)
+    hs, deltas = _factors(gw, k, v, aux, rule)
     if alpha is None:
         dmat = jnp.broadcast_to(jnp.tril(jnp.ones((c, c), jnp.float32)), theta.shape + (c,))
         a = jnp.ones_like(theta)
     else:
         dmat, a = _segment_products(1.0 - alpha), jnp.cumprod(1.0 - alpha, axis=-1)
-    if eta is None:  # no momentum: S_i = -theta_i u_i
+    if eta is None:  # gradient descent: S_i = -theta_i u_i enters the weights, no momentum state
         s = None
         cmat = -dmat * theta[..., None, :]
-        m_row = -theta * (jnp.arange(c) == row)
     else:
         gmat = _segment_products(eta)
         e = jnp.cumprod(eta, axis=-1)
-        s = jnp.einsum("bhim,bhm->bhi", dmat, e)
-        cmat = -jnp.einsum("bhim,bhmj->bhij", dmat, gmat) * theta[..., None, :]
+        dm = dmat if mask is None else dmat * mask[..., None, :]  # M_i = (1-alpha_i) M + mask_i S_i
+        s = jnp.einsum("bhim,bhm->bhi", dm, e)
+        cmat = -jnp.einsum("bhim,bhmj->bhij", dm, gmat) * theta[..., None, :]
         m_row = -theta * gmat[..., row, :]
     act = ACTIVATIONS[rule.activation]
     h = q
@@ -377,116 +461,187 @@ def _chunk_dual(carry, xs, rule):
         h = act(z) if i < len(ws) - 1 else z
         # the state after the row token
         new_w = a[..., row, None, None] * w0 + _outer_sum(cmat[..., row, :], hs[i], deltas[i])
-        new_m = _outer_sum(m_row, hs[i], deltas[i])
+        new_m = s0
         if s is not None:
             new_w = new_w + s[..., row, None, None] * s0
-            new_m = new_m + e[..., row, None, None] * s0
+            new_m = e[..., row, None, None] * s0 + _outer_sum(m_row, hs[i], deltas[i])
         new_ws.append(new_w)
         new_ms.append(new_m)
     y = h + q if rule.residual else h
-    return (tuple(new_ws), tuple(new_ms)), y
+    return tuple(new_ws), tuple(new_ms), y
 
 
 def _linear_scan(a: Array, x: Array, h0: Array) -> Array:
     """``h_i = a_i h_{i-1} + x_i`` along axis 2 for ``a [B, H, C]``, ``x [B, H, C, ...]``,
-    ``h0 [B, H, ...]`` (``jax.lax.associative_scan``); returns every ``h_i``."""
-
-    def combine(p, r):
-        a1, x1 = p
-        a2, x2 = r
-        return a1 * a2, a2[..., None, None] * x1 + x2
-
-    pa, px = jax.lax.associative_scan(combine, (a, x), axis=2)
+    ``h0 [B, H, ...]`` (:func:`zoo.attention.common.affine_scan`); returns every ``h_i``."""
+    pa, px = affine_scan(a, x, axis=2)
     return pa[..., None, None] * h0[:, :, None] + px
 
 
-def _chunk_materialize(carry, xs, rule):
-    """One chunk with the per-token weights materialised by associative scans (any read-out)."""
-    ws, ms = carry
-    (q, k, v, theta, eta, alpha, aux), row = xs
-    hs, deltas = _factors(rule.read(ws), k, v, aux, rule)
+def _chunk_materialize(ws, ms, gw, xs, mask, row, rule):
+    """One chunk with the per-token weights materialised by associative scans (any read-out),
+    gradients at the effective weights ``gw``."""
+    q, k, v, theta, eta, alpha, aux = xs
+    hs, deltas = _factors(gw, k, v, aux, rule)
     act = ACTIVATIONS[rule.activation]
     h = q
     new_ws, new_ms = [], []
     for i, (w0, s0) in enumerate(zip(ws, ms)):
         upd = -theta[..., None, None] * jnp.einsum("bhcd,bhce->bhcde", hs[i], deltas[i])
-        mom = upd if eta is None else _linear_scan(eta, upd, s0)
+        if eta is None:
+            mom, new_ms_i = upd, s0
+        else:
+            mom = _linear_scan(eta, upd, s0)
+            new_ms_i = mom[:, :, row]
+            if mask is not None:
+                mom = mom * mask[..., None, None]
         if alpha is None:
             wt = w0[:, :, None] + jax.lax.associative_scan(jnp.add, mom, axis=2)
         else:
             wt = _linear_scan(1.0 - alpha, mom, w0)
         new_ws.append(wt[:, :, row])
-        new_ms.append(mom[:, :, row])
+        new_ms.append(new_ms_i)
         if rule.readout is not None:
             wt = rule.readout(wt)
         z = jnp.einsum("bhcd,bhcde->bhce", h, wt)
         h = act(z) if i < len(ws) - 1 else z
     y = h + q if rule.residual else h
-    return (tuple(new_ws), tuple(new_ms)), y
+    return tuple(new_ws), tuple(new_ms), y
+
+
+def _offset(count: Any, size: int) -> tuple[Any, bool]:
+    """``(count % size, static)``: a Python int when ``count`` is concrete and the same for every
+    sequence, else an int32 array (``[]`` or ``[batch]``)."""
+    c = concrete(count)
+    if c is not None and (c.ndim == 0 or np.all(c == c.flat[0])):
+        return int(c.flat[0]) % size, True
+    return jnp.asarray(count, jnp.int32) % size, False
+
+
+def _gather_time(x: Array, idx: Array) -> Array:
+    """``x [B, T, ...]`` gathered along time per sequence: ``out[b, i] = x[b, idx[b, i]]``."""
+    return jax.vmap(lambda a, i: a[i])(x, idx)
 
 
 def run_chunked(q, k, v, theta, eta, alpha, aux, state: MemoryState, *, rule: Rule, chunk: int, form: str):
     """Chunked form on ``[B, T, H, d]`` inputs and ``[B, T, H]`` gates (``eta``/``alpha``/``aux``
-    may be None). Returns ``(y [B, T, H, d_v], final MemoryState)``."""
+    may be None), continuing from ``state`` (possibly inside a chunk: module docstring).
+    Returns ``(y [B, T, H, d_v], final MemoryState)``."""
     fn = _chunk_dual if form == "dual" else _chunk_materialize
-    t = q.shape[1]
-    c = min(chunk, t)
-    n = -(-t // c)
-    pad = n * c - t
+    b, t, h = theta.shape
+    xs = (q, k, v, theta, eta, alpha, aux)
+    r, static = _offset(state.count, chunk)
+    cur = rule.read(state.weights)
+    mask, gw0 = None, cur
+    if static and r:  # r neutral tokens in front: the first chunk holds chunk - r real tokens
+        xs = tuple(None if x is None else jnp.concatenate([jnp.full((b, r) + x.shape[2:], n, x.dtype), x], 1)
+                   for x, n in zip(xs, _NEUTRAL))
+        mask = jnp.concatenate([jnp.zeros((b, r, h)), jnp.ones((b, t, h))], axis=1)
+        gw0 = tuple(state.frozen)
+    elif not static:  # traced offset: gather into T + chunk - 1 slots, r neutral ones in front
+        rb = jnp.broadcast_to(r, (b,))
+        pos = jnp.arange(t + chunk - 1)[None, :] - rb[:, None]
+        real = (pos >= 0) & (pos < t)
+        idx = jnp.clip(pos, 0, t - 1)
 
-    def split(x):  # [B, t, H, ...] -> [n, B, H, c, ...] (one transpose), zero padding at the end
-        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-        x = x.reshape((x.shape[0], n, c) + x.shape[2:])
+        def place(x, n):
+            return jnp.where(real.reshape(real.shape + (1,) * (x.ndim - 2)), _gather_time(x, idx), n)
+
+        xs = tuple(None if x is None else place(x, n) for x, n in zip(xs, _NEUTRAL))
+        mask = jnp.broadcast_to(real[..., None], real.shape + (h,)).astype(jnp.float32)
+        start = (rb == 0)[:, None, None, None]
+        gw0 = tuple(jnp.where(start, c, f) for c, f in zip(cur, state.frozen))
+    length = xs[0].shape[1]
+    c = min(chunk, length)
+    n = -(-length // c)
+
+    def split(x):  # [B, L, H, ...] -> [n, B, H, c, ...] (zero padding at the end)
+        x = chunk_axis(x, c)
         return jnp.transpose(x, (1, 0, 3, 2) + tuple(range(4, x.ndim)))
 
     # Padding sits after the last real token, so (causality) it changes neither the outputs
-    # kept nor the state, which each chunk reads at its last real token ``rows[n]``.
-    rows = jnp.full((n,), c - 1, jnp.int32).at[-1].set((t - 1) % c)
-    xs = jax.tree_util.tree_map(split, (q, k, v, theta, eta, alpha, aux))
-    carry, y = jax.lax.scan(lambda cr, x: fn(cr, x, rule), (state.weights, state.momentum), (xs, rows))
-    y = jnp.transpose(y, (1, 0, 3, 2, 4))  # [n, B, H, c, e] -> [B, n, c, H, e]
-    return y.reshape((y.shape[0], n * c) + y.shape[3:])[:, :t], MemoryState(*carry)
+    # kept nor the state, which each chunk reads at its last real token ``rows[j]``; neutral
+    # tokens (mask 0) change nothing, so the gathered form may read it after them.
+    rows = jnp.full((n,), c - 1, jnp.int32).at[-1].set((length - 1) % c)
+    xs_c = tuple(None if x is None else split(x) for x in xs)
+    mask_c = None if mask is None else split(mask)
+    first = jnp.arange(n) == 0
+    plain = static and not r  # every chunk starts at a chunk start of the stream
+
+    def body(carry, inp):
+        ws, ms, fr = carry
+        x, m, row, is_first = inp
+        gw = rule.read(ws)
+        if not plain:
+            gw = tuple(jnp.where(is_first, g0, g) for g0, g in zip(gw0, gw))
+        ws, ms, y = fn(ws, ms, gw, x, m, row, rule)
+        if m is not None and not static:  # a chunk of neutral tokens only keeps the frozen weights
+            has = jnp.any(m > 0, axis=(1, 2))[:, None, None, None]
+            gw = tuple(jnp.where(has, g, f) for g, f in zip(gw, fr))
+        return (ws, ms, gw), y
+
+    init = (tuple(state.weights), tuple(state.momentum), tuple(state.frozen))
+    (ws, ms, fr), y = jax.lax.scan(body, init, (xs_c, mask_c, rows, first))
+    y = unchunk(jnp.transpose(y, (1, 0, 3, 2, 4)), length, axis=1)  # [n, B, H, c, e] -> [B, L, H, e]
+    if static:
+        y = y[:, r:r + t]
+    else:
+        y = _gather_time(y, jnp.arange(t)[None, :] + rb[:, None])
+    return y, MemoryState(ws, ms, fr, _advance(state.count, t))
+
+
+def chunk_axis(x: Array, size: int) -> Array:
+    """``[B, L, ...] -> [B, n, size, ...]`` (:func:`zoo.attention.common.chunk`, zero padded)."""
+    return chunk(x, size, axis=1)[0]
+
+
+def _advance(count: Any, t: int) -> Array:
+    return jnp.asarray(count, jnp.int32) + jnp.int32(t)
 
 
 # ----------------------------------------------------------------------------- sequential reference
 
 
-def token_update(ws, ms, frozen, q, k, v, theta, eta, alpha, aux, rule: Rule):
-    """One token of the recurrence for one head: gradient at ``frozen`` (effective) weights,
-    ``S = eta S - theta g``, ``A = (1 - alpha) A + S``, read ``y = M(q)`` with ``rule.read(A)``.
-    ``eta``/``alpha`` None mean no momentum / no decay. Returns ``(y, ws, ms)``."""
-    g = jax.grad(lambda w: rule.loss(_mlp_vec(w, k, rule), v, aux))(tuple(frozen))
+def token_update(ws, ms, frozen, refresh, q, k, v, theta, eta, alpha, aux, rule: Rule):
+    """One token of the recurrence for one head. Where ``refresh`` (a chunk starts at this
+    token) the frozen weights become the current effective weights ``rule.read(ws)``; the
+    gradient is taken at the frozen weights; ``S = eta S - theta g`` (``eta`` None: gradient
+    descent, the write is ``-theta g`` and ``S`` is unchanged), ``A = (1 - alpha) A + S``
+    (``alpha`` None: no decay); read ``y = M(q)`` with ``rule.read(A)``. Returns
+    ``(y, ws, ms, frozen)``."""
+    frozen = tuple(jnp.where(refresh, c, f) for c, f in zip(rule.read(ws), frozen))
+    g = jax.grad(lambda w: rule.loss(_mlp_vec(w, k, rule), v, aux))(frozen)
     if rule.grad_clip is not None:
         s = _clip_scale(sum(jnp.sum(x * x) for x in g), rule.grad_clip)
         g = tuple(s * x for x in g)
-    ms = tuple(-theta * x if eta is None else eta * m - theta * x for m, x in zip(ms, g))
-    ws = tuple(w + m if alpha is None else (1.0 - alpha) * w + m for w, m in zip(ws, ms))
-    return _mlp_vec(rule.read(ws), q, rule), ws, ms
+    upd = tuple(-theta * x for x in g)
+    if eta is not None:
+        ms = upd = tuple(eta * m + u for m, u in zip(ms, upd))
+    ws = tuple(w + u if alpha is None else (1.0 - alpha) * w + u for w, u in zip(ws, upd))
+    return _mlp_vec(rule.read(ws), q, rule), ws, ms, frozen
 
 
-def run_sequential(q, k, v, theta, eta, alpha, aux, state: MemoryState, *, rule: Rule, chunk: int | None):
-    """Token-by-token reference on ``[B, T, H, d]`` inputs and ``[B, T, H]`` gates; gradients taken
-    at the weights of the start of each ``chunk`` (every token when None or 1)."""
+def run_sequential(q, k, v, theta, eta, alpha, aux, state: MemoryState, *, rule: Rule, chunk: int):
+    """Token-by-token reference on ``[B, T, H, d]`` inputs and ``[B, T, H]`` gates, continuing from
+    ``state``: each token's gradient is taken at the weights of the start of its chunk (a chunk
+    starts where the number of tokens consumed is a multiple of ``chunk``)."""
+    b = q.shape[0]
 
-    def one_head(ws, ms, q, k, v, theta, eta, alpha, aux):
+    def one_head(ws, ms, fr, count, q, k, v, theta, eta, alpha, aux):
         def body(carry, x):
-            ws, ms, frozen, i = carry
-            if chunk is not None and chunk > 1:
-                cur = rule.read(ws)
-                frozen = tuple(jnp.where(i % chunk == 0, c, f) for c, f in zip(cur, frozen))
-            else:
-                frozen = rule.read(ws)
-            y, ws, ms = token_update(ws, ms, frozen, *x, rule)
-            return (ws, ms, frozen, i + 1), y
+            ws, ms, fr, i = carry
+            y, ws, ms, fr = token_update(ws, ms, fr, i % chunk == 0, *x, rule)
+            return (ws, ms, fr, i + 1), y
 
-        init = (ws, ms, rule.read(ws), jnp.zeros((), jnp.int32))
-        (ws, ms, _, _), y = jax.lax.scan(body, init, (q, k, v, theta, eta, alpha, aux))
-        return y, ws, ms
+        (ws, ms, fr, _), y = jax.lax.scan(body, (ws, ms, fr, count), (q, k, v, theta, eta, alpha, aux))
+        return y, ws, ms, fr
 
     # vmap over batch (axis 0), then heads (axis 1 of the per-token arrays, 0 of the state)
-    f = jax.vmap(jax.vmap(one_head, in_axes=(0, 0) + (1,) * 7, out_axes=(1, 0, 0)))
-    y, ws, ms = f(state.weights, state.momentum, q, k, v, theta, eta, alpha, aux)
-    return y, MemoryState(ws, ms)
+    inner = jax.vmap(one_head, in_axes=(0, 0, 0, None) + (1,) * 7, out_axes=(1, 0, 0, 0))
+    f = jax.vmap(inner)
+    count = jnp.broadcast_to(jnp.asarray(state.count, jnp.int32), (b,))
+    y, ws, ms, fr = f(state.weights, state.momentum, state.frozen, count, q, k, v, theta, eta, alpha, aux)
+    return y, MemoryState(ws, ms, fr, _advance(state.count, q.shape[1]))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -511,8 +666,8 @@ def titans(
     theta: Any = None, eta: Any = None, alpha: Any = None,
     weights: Sequence[Array] | None = None, depth: int | None = None, expansion: int = 4,
     key: Array | None = None, activation: str = "gelu", residual: bool = False,
-    grad_clip: float | None = None, chunk_size: int | None = None, form: str = "dual",
-    initial_state: MemoryState | None = None, return_state: bool = False, causal: bool = True,
+    grad_clip: float | None = None, chunk_size: int = DEFAULT_CHUNK, form: str = "dual",
+    initial_state: MemoryState | None = None, return_state: bool = False, causal: bool = False,
 ) -> Array | tuple[Array, MemoryState]:
     """Titans neural memory, chunked parallel form (see the module docstring for the equations).
 
@@ -522,30 +677,33 @@ def titans(
 
     Args:
       q: ``[batch, length, heads, key_dim]``; k: ``[batch, length, kv_heads, key_dim]``;
-        v: ``[batch, length, kv_heads, value_dim]`` (``heads % kv_heads == 0``).
-      theta, eta, alpha: learning rate, momentum, forgetting: scalars, ``[heads]`` or per token
-        ``[batch, length, heads]``. Defaults: ``theta = 0.01 / key_dim``, ``eta = 0.5``,
-        ``alpha = 0`` (constants for every token; conservative, see ``THETA_SCALE``).
+        v: ``[batch, length, kv_heads, value_dim]`` (``heads % kv_heads == 0``), floating point.
+      theta, eta, alpha: learning rate (``>= 0``), momentum and forgetting (in ``[0, 1]``):
+        scalars, ``[heads]`` or per token ``[batch, length, heads]``. Defaults:
+        ``theta = 0.01 / key_dim``, ``eta = 0.5``, ``alpha = 0`` (constants for every token;
+        conservative, see ``THETA_SCALE``).
       weights: initial memory weights, ``depth`` arrays ``[heads, d_in, d_out]`` (first
         ``d_in = key_dim``, last ``d_out = value_dim``). Default :func:`init_weights`: zeros for
         depth 1; an MLP (``depth >= 2``, hidden ``expansion * key_dim``) needs ``key``.
       activation: ``gelu | silu | relu | tanh | identity`` between layers; residual: ``M(x) + x``.
       grad_clip: max global norm of each token's gradient (None: no clipping).
-      chunk_size: tokens per chunk (default 64); form: ``"dual"`` or ``"materialize"``.
+      chunk_size: tokens per chunk (default 64, the same default as :func:`step` and
+        :func:`titans_naive`; 1 = the exact recurrence); form: ``"dual"`` or ``"materialize"``.
       initial_state / return_state: start from / also return a :class:`MemoryState` (the state
-        overrides ``weights``).
-      causal: must be True.
+        overrides ``weights``; it may stop inside a chunk: the chunk grid continues from
+        ``initial_state.count``, so chaining calls, or a call and :func:`step` s, equals one call).
+      causal: must be True (ValueError otherwise).
 
     Returns ``[batch, length, heads, value_dim]`` in ``v.dtype`` (float32 inside) and the final
     state when ``return_state``.
 
     Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (2024), Sec. 3.
     """
-    check_positive_int("chunk_size", chunk_size)
+    chunk_size = check_chunk(chunk_size)
     check_choice("form", form, FORMS)
     xs, state, rule = _titans_inputs(q, k, v, theta, eta, alpha, weights, depth, expansion, key,
                                      activation, residual, grad_clip, initial_state, causal)
-    y, state = run_chunked(*xs, state, rule=rule, chunk=chunk_size or DEFAULT_CHUNK, form=form)
+    y, state = run_chunked(*xs, state, rule=rule, chunk=chunk_size, form=form)
     y = y.astype(v.dtype)
     return (y, state) if return_state else y
 
@@ -555,16 +713,14 @@ def titans_naive(
     theta: Any = None, eta: Any = None, alpha: Any = None,
     weights: Sequence[Array] | None = None, depth: int | None = None, expansion: int = 4,
     key: Array | None = None, activation: str = "gelu", residual: bool = False,
-    grad_clip: float | None = None, chunk_size: int | None = None,
-    initial_state: MemoryState | None = None, return_state: bool = False, causal: bool = True,
+    grad_clip: float | None = None, chunk_size: int = DEFAULT_CHUNK,
+    initial_state: MemoryState | None = None, return_state: bool = False, causal: bool = False,
 ) -> Array | tuple[Array, MemoryState]:
-    """Reference: the Titans recurrence token by token (``jax.lax.scan``, ``jax.grad`` per token).
-
-    ``chunk_size=None`` (or 1): the exact recurrence, gradient at ``M_{t-1}``. ``chunk_size=C``:
-    gradients frozen at the weights of each chunk start (the oracle of :func:`titans` with that
-    chunk size). Arguments as :func:`titans`.
-    """
-    check_positive_int("chunk_size", chunk_size)
+    """Reference: the Titans recurrence token by token (``jax.lax.scan``, ``jax.grad`` per token),
+    gradients at the weights of each chunk start (kept in the carry, as in :func:`step`);
+    ``chunk_size=1``: the exact recurrence, gradient at ``M_{t-1}``. Arguments (and the default
+    chunk size) as :func:`titans`: the oracle of :func:`titans` with the same ``chunk_size``."""
+    chunk_size = check_chunk(chunk_size)
     xs, state, rule = _titans_inputs(q, k, v, theta, eta, alpha, weights, depth, expansion, key,
                                      activation, residual, grad_clip, initial_state, causal)
     y, state = run_sequential(*xs, state, rule=rule, chunk=chunk_size)
@@ -573,11 +729,9 @@ def titans_naive(
 
 
 def step_inputs(state, q_t, k_t, v_t):
-    """Validates one-token inputs, repeats grouped k/v heads; returns float32 arrays and b, h."""
-    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
-        if getattr(x, "ndim", None) != 3:
-            raise ValueError(f"{name} must be [batch, heads, head_dim] (one token); got {shape_str(x)}")
-    _, _, groups = check_qkv(q_t[:, None], k_t[:, None], v_t[:, None], causal=True)
+    """Validates one-token inputs (:func:`zoo.attention.common.check_token`) and the state,
+    repeats grouped k/v heads; returns the state, float32 arrays and b, h."""
+    _, _, groups = check_token(q_t, k_t, v_t)
     k_t, v_t = repeat_kv(k_t[:, None], groups)[:, 0], repeat_kv(v_t[:, None], groups)[:, 0]
     b, h, dk = q_t.shape
     state = _check_state(state, b, h, dk, v_t.shape[-1])
@@ -585,28 +739,33 @@ def step_inputs(state, q_t, k_t, v_t):
     return state, f(q_t), f(k_t), f(v_t), b, h
 
 
-def run_step(state, q, k, v, theta, eta, alpha, aux, rule):
-    """One token for every (batch, head): gradient at the current effective weights."""
-
-    def one(ws, ms, q, k, v, theta, eta, alpha, aux):
-        return token_update(ws, ms, rule.read(ws), q, k, v, theta, eta, alpha, aux, rule)
-
-    y, ws, ms = jax.vmap(jax.vmap(one))(state.weights, state.momentum, q, k, v, theta, eta, alpha, aux)
-    return y, MemoryState(ws, ms)
+def run_step(state, q, k, v, theta, eta, alpha, aux, rule, chunk: int):
+    """One token for every (batch, head): refresh the frozen weights where ``count % chunk == 0``,
+    gradient there, ``count + 1``."""
+    refresh = jnp.broadcast_to(jnp.asarray(state.count, jnp.int32) % chunk == 0, (q.shape[0],))
+    one = functools.partial(token_update, rule=rule)
+    inner = jax.vmap(one, in_axes=(0, 0, 0, None) + (0,) * 7)
+    y, ws, ms, fr = jax.vmap(inner)(
+        state.weights, state.momentum, state.frozen, refresh, q, k, v, theta, eta, alpha, aux)
+    return y, MemoryState(ws, ms, fr, _advance(state.count, 1))
 
 
 def step(
     state: MemoryState, q_t: Array, k_t: Array, v_t: Array, *,
     theta: Any = None, eta: Any = None, alpha: Any = None,
     activation: str = "gelu", residual: bool = False, grad_clip: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[Array, MemoryState]:
-    """One decoding step of Titans: ``S <- eta S - theta grad l(M; k_t, v_t)``,
-    ``M <- (1 - alpha) M + S``, ``y_t = M(q_t)``.
+    """One decoding step of Titans: where ``state.count % chunk_size == 0`` the frozen weights
+    become the current ones; ``S <- eta S - theta grad l(M_frozen; k_t, v_t)``,
+    ``M <- (1 - alpha) M + S``, ``y_t = M(q_t)``, ``count <- count + 1``. With the same
+    ``chunk_size`` (default 64 everywhere) steps continue :func:`titans` exactly.
 
     ``q_t [batch, heads, key_dim]``, ``k_t [batch, kv_heads, key_dim]``,
     ``v_t [batch, kv_heads, value_dim]``; gates scalars, ``[heads]`` or ``[batch, heads]`` (defaults
-    as :func:`titans`). Returns ``(y_t [batch, heads, value_dim] in v_t.dtype, new_state)``.
+    and ranges as :func:`titans`). Returns ``(y_t [batch, heads, value_dim] in v_t.dtype, new_state)``.
     """
+    chunk_size = check_chunk(chunk_size)
     state, q, k, v, b, h = step_inputs(state, q_t, k_t, v_t)
     check_options(activation=activation, residual=residual, grad_clip=grad_clip, dk=k.shape[-1],
                   dv=v.shape[-1])
@@ -614,5 +773,5 @@ def step(
     et = step_gate("eta", DEFAULT_ETA if eta is None else eta, b, h)
     al = step_gate("alpha", DEFAULT_ALPHA if alpha is None else alpha, b, h)
     rule = Rule(l2_loss, activation=activation, residual=residual, grad_clip=grad_clip)
-    y, state = run_step(state, q, k, v, th, et, al, None, rule)
+    y, state = run_step(state, q, k, v, th, et, al, None, rule, chunk_size)
     return y.astype(v_t.dtype), state

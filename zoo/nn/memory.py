@@ -26,13 +26,15 @@ each chunk start, :func:`zoo.attention.titans.titans`). Persistent memory (Titan
 ``x~ = P || x``; they are processed as a separate first segment (chunking restarts at ``x_0``)
 and their outputs are dropped (:meth:`initial` returns them, MAL uses them).
 
-Decoding (:meth:`init_state` / :meth:`decode_step`) runs the transform's one-token ``step``
-(``chunk_size == 1``: the exact recurrence). For ``chunk_size > 1`` the decoding state also keeps
-the effective weights of the current chunk start and takes each token's gradient there, so the
-token-by-token decoding equals the chunked forward for every chunk size (not only C = 1).
+Decoding (:meth:`init_state` / :meth:`prefill` / :meth:`decode_step`) runs the transform's own
+state and forms: its :class:`zoo.attention.MemoryState` keeps the effective weights of the current
+chunk start and the token count, and the layer sets the count to the decoding position (chunks
+are counted from the first token after the persistent ones), so ``decode_step`` (the
+transform's ``step``) and ``prefill`` (its chunked form continuing from the state, also from
+inside a chunk) equal the chunked forward for every chunk size.
 
-Layers: :class:`TitansMemory` (mixer ``"titans_memory"``) and :class:`MirasMemory` (mixers
-``"miras_memory"``, ``"moneta_layer"``, ``"yaad_layer"``, ``"memora_layer"``).
+Layers: :class:`TitansMemory` (mixer ``"titans_memory"``) and :class:`MirasMemory` (mixer
+``"miras_memory"``; presets by keyword, e.g. ``{"module": "miras_memory", "preset": "moneta"}``).
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import zoo.attention as za
-from zoo.attention.common import shape_str
+from zoo.attention.common import as_int, check_float, concrete, shape_str
 from zoo.attention.miras import check_choices as _check_miras_choices
 from zoo.attention.miras import make_rule as _miras_rule
-from zoo.attention.titans import ACTIVATIONS, Rule, apply_memory, init_weights, l2_loss, token_update
+from zoo.attention.titans import ACTIVATIONS, Rule, apply_memory, init_weights, l2_loss
 from zoo.nn.attention import register_mixer
 from zoo.nn.layers import RMSNorm, axes, cast, normal_init, param
 
@@ -60,15 +63,13 @@ class MemoryLayerState(NamedTuple):
     """Decoding state of a memory layer (float32).
 
     memory: the transform's :class:`zoo.attention.MemoryState` (weights ``[B, H, d_in, d_out]`` per
-      memory layer and the momentum ``S``).
-    frozen: the effective weights at the start of the current chunk (``chunk_size > 1``; ``()``
-      otherwise), where the gradients of the chunk's tokens are taken.
+      memory layer, the momentum ``S``, the effective weights at the start of the current chunk
+      where the gradients of the chunk's tokens are taken, and the token count).
     conv: the last ``conv - 1`` projected inputs of each of q/k/v, ``{name: [B, conv - 1, H, D]}``
       (``{}`` without convolution).
     """
 
     memory: za.MemoryState
-    frozen: tuple[Array, ...]
     conv: dict[str, Array]
 
 
@@ -90,22 +91,34 @@ def _l2norm(x: Array, eps: float = 1e-6) -> Array:
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def _check_int(name: str, x: Any, minimum: int) -> None:
-    if not isinstance(x, int) or isinstance(x, bool) or x < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {x!r}")
+def _check_int(name: str, x: Any, minimum: int) -> int:
+    """A Python or NumPy integer ``>= minimum`` as ``int``; ValueError naming ``name`` otherwise."""
+    return as_int(name, x, minimum=minimum, allow_none=False)
 
 
-def _bcast(mask: Array, like: Array) -> Array:
-    """A ``[]`` or ``[B]`` bool mask broadcast against ``like [B, ...]``."""
-    return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
+def _position(name: str, position: Any, batch: int) -> Any:
+    """A decoding position (int, ``[]`` or ``[batch]`` integer array) as int32: NumPy when
+    concrete (>= 0 checked), else a traced array; ValueError naming ``name`` otherwise."""
+    dt = getattr(position, "dtype", None)
+    if isinstance(position, int) and not isinstance(position, bool):
+        dt = np.dtype(np.int64)
+    shape = tuple(getattr(position, "shape", ()))
+    if dt is None or not jnp.issubdtype(dt, jnp.integer) or shape not in ((), (batch,)):
+        raise ValueError(f"{name} must be an integer scalar or [batch={batch}] array; got {position!r}")
+    c = concrete(position)
+    if c is None:
+        return jnp.asarray(position, jnp.int32)
+    if np.any(c < 0):
+        raise ValueError(f"{name} must be >= 0; got {c}")
+    return c.astype(np.int32)
 
 
 class _MemoryLayer(nnx.Module):
     """The shared shell of :class:`TitansMemory` and :class:`MirasMemory` (see module docstring).
 
     Subclasses define ``gate_names`` and the transform hooks ``_transform`` (chunked parallel
-    form with an initial state), ``_step`` (one exact token) and ``_rule`` (the
-    :class:`zoo.attention.titans.Rule` the transform uses, for the chunk-frozen decoding step).
+    form continuing from a state), ``_step`` (the transform's one-token step) and ``_rule`` (the
+    :class:`zoo.attention.titans.Rule` the transform uses, for the read-out of the weights).
     """
 
     gate_names: tuple[str, ...] = ()
@@ -118,18 +131,18 @@ class _MemoryLayer(nnx.Module):
         output_norm: bool = True, output_gate: bool = True, dtype: Any = None,
         param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
     ):
-        _check_int("d_model", d_model, 1)
-        _check_int("num_heads", num_heads, 1)
+        d_model = _check_int("d_model", d_model, 1)
+        num_heads = _check_int("num_heads", num_heads, 1)
         if head_dim is None:
             if d_model % num_heads:
                 raise ValueError(f"num_heads ({num_heads}) must divide d_model ({d_model}) when head_dim is not given")
             head_dim = d_model // num_heads
-        _check_int("head_dim", head_dim, 1)
-        _check_int("depth", depth, 1)
-        _check_int("expansion", expansion, 1)
-        _check_int("chunk_size", chunk_size, 1)
-        _check_int("conv", conv, 0)
-        _check_int("num_persistent", num_persistent, 0)
+        head_dim = _check_int("head_dim", head_dim, 1)
+        depth = _check_int("depth", depth, 1)
+        expansion = _check_int("expansion", expansion, 1)
+        chunk_size = _check_int("chunk_size", chunk_size, 1)
+        conv = _check_int("conv", conv, 0)
+        num_persistent = _check_int("num_persistent", num_persistent, 0)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
         if not (isinstance(max_lr, (int, float)) and max_lr > 0):
@@ -168,10 +181,10 @@ class _MemoryLayer(nnx.Module):
 
     # ------------------------------------------------------------------ transform hooks
 
-    def _transform(self, q, k, v, gates, state):  # -> (y [B, T, H, D], MemoryState)
+    def _transform(self, q, k, v, gates, state):  # -> (y [B, T, H, D], MemoryState), chunked
         raise NotImplementedError
 
-    def _step(self, q, k, v, gates, state):  # one token [B, H, D] -> (y, MemoryState)
+    def _step(self, q, k, v, gates, state):  # one token [B, H, D] -> (y, MemoryState), chunked
         raise NotImplementedError
 
     def _rule(self) -> Rule:
@@ -244,67 +257,62 @@ class _MemoryLayer(nnx.Module):
         dt = self.dtype or jnp.float32
         conv = {n: jnp.zeros((batch, self.conv_width - 1, self.num_heads, self.head_dim), dt)
                 for n in ("q", "k", "v")} if self.conv_width else {}
-        return MemoryLayerState(mem, (), conv)
-
-    def _with_frozen(self, st: MemoryLayerState) -> MemoryLayerState:
-        frozen = self.read_weights(st.memory) if self.chunk_size > 1 else ()
-        return st._replace(frozen=frozen)
+        return MemoryLayerState(mem, conv)
 
     def initial(self, batch: int) -> tuple[Array | None, MemoryLayerState]:
         """The state after the persistent tokens, broadcast to ``batch``, and their outputs
         ``[1, N_p, E]`` (None without persistent tokens). Without persistent tokens: the initial
-        weights ``M_0``, zero momentum and zero conv states."""
+        weights ``M_0``, zero momentum and zero conv states. The token count is 0 (the sequence
+        starts a chunk)."""
         if not self.num_persistent:
-            return None, self._with_frozen(self._empty(batch))
+            return None, self._empty(batch)
         p = self.persistent[...][None].astype(self.dtype or jnp.float32)
         y, st = self.stream(p, self._empty(1))
-        st = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape[1:]), st)
-        return y, self._with_frozen(st)
+        grow = lambda a: jnp.broadcast_to(a, (batch,) + a.shape[1:])
+        mem = st.memory
+        mem = za.MemoryState(*(tuple(map(grow, x)) for x in (mem.weights, mem.momentum, mem.frozen)),
+                             jnp.zeros((), jnp.int32))
+        return y, MemoryLayerState(mem, jax.tree.map(grow, st.conv))
+
+    def _run(self, x: Array, state: MemoryLayerState, count: Any) -> tuple[Array, MemoryLayerState]:
+        f, conv = self.project(x, state.conv)
+        y, mem = self._transform(f["q"], f["k"], f["v"], self.gates(x), state.memory._replace(count=count))
+        return self.output(x, y), MemoryLayerState(mem, conv)
 
     def stream(self, x: Array, state: MemoryLayerState) -> tuple[Array, MemoryLayerState]:
         """Chunked forward of ``x [B, T, E]`` continuing from ``state`` (chunks start at ``x_0``):
         write every token and read it back; returns ``(out [B, T, E], state after x)``."""
-        f, conv = self.project(x, state.conv)
-        y, mem = self._transform(f["q"], f["k"], f["v"], self.gates(x), state.memory)
-        return self.output(x, y), self._with_frozen(MemoryLayerState(mem, (), conv))
+        return self._run(x, state, np.zeros((), np.int32))
 
-    def stream_step(self, x_t: Array, state: MemoryLayerState, chunk_pos: Array
+    def stream_step(self, x_t: Array, state: MemoryLayerState, chunk_pos: Array | int
                     ) -> tuple[Array, MemoryLayerState]:
         """One token ``x_t [B, E]`` of :meth:`stream`; ``chunk_pos`` (``[]`` or ``[B]`` int) is its
         index in the stream (a chunk starts where ``chunk_pos % chunk_size == 0``). Equal to
-        :meth:`stream` at that token."""
+        :meth:`stream` at that token (the transform's ``step`` on the state with count
+        ``chunk_pos``)."""
         x = x_t[:, None]
         f, conv = self.project(x, state.conv)
         q, k, v = (f[n][:, 0] for n in ("q", "k", "v"))
         g = {n: a[:, 0] for n, a in self.gates(x).items()}
-        if self.chunk_size == 1:
-            y, mem = self._step(q, k, v, g, state.memory)
-            frozen: tuple[Array, ...] = ()
-        else:
-            rule = self._rule()
-            start = jnp.asarray(chunk_pos, jnp.int32) % self.chunk_size == 0
-            cur = rule.read(state.memory.weights)
-            frozen = tuple(jnp.where(_bcast(start, c), c, fr) for c, fr in zip(cur, state.frozen))
-            f32 = lambda a: a.astype(jnp.float32)
-
-            def one(ws, ms, fr, q, k, v, th, et, al, aux):
-                return token_update(ws, ms, fr, q, k, v, th, et, al, aux, rule)
-
-            y, ws, ms = jax.vmap(jax.vmap(one))(
-                state.memory.weights, state.memory.momentum, frozen, f32(q), f32(k), f32(v),
-                g["theta"], g.get("eta"), g.get("alpha"), g.get("delta"),
-            )
-            mem = za.MemoryState(ws, ms)
-        return self.output(x, y[:, None])[:, 0], MemoryLayerState(mem, frozen, conv)
+        count = _position("position", chunk_pos, x_t.shape[0])
+        y, mem = self._step(q, k, v, g, state.memory._replace(count=count))
+        return self.output(x, y[:, None])[:, 0], MemoryLayerState(mem, conv)
 
     # ------------------------------------------------------------------ mixer interface
+
+    def _check_x(self, name: str, x: Array, ndim: int) -> None:
+        layout = "[batch, length, d_model" if ndim == 3 else "[batch, d_model"
+        if getattr(x, "ndim", None) != ndim or x.shape[-1] != self.d_model:
+            raise ValueError(f"{name} must be {layout}={self.d_model}]; got {shape_str(x)}")
+        check_float(name, x)
+        if ndim == 3 and x.shape[1] == 0:
+            raise ValueError(f"{name} must hold at least one token (length >= 1); got {shape_str(x)}")
 
     def __call__(self, x: Array, *, causal: bool = True) -> Array:
         """``x [B, T, E]`` -> ``[B, T, E]`` (causal only; persistent tokens, if any, first)."""
         if causal is not True:
             raise ValueError(f"causal must be True: a test-time memory is causal; got causal={causal!r}")
-        if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must be [batch, length, d_model={self.d_model}]; got {shape_str(x)}")
+        self._check_x("x", x, 3)
         _, st = self.initial(x.shape[0])
         return self.stream(x, st)[0]
 
@@ -312,12 +320,20 @@ class _MemoryLayer(nnx.Module):
         """Decoding state after the persistent tokens (constant size: ``max_len`` is unused)."""
         return self.initial(batch)[1]
 
+    def prefill(self, x: Array, state: MemoryLayerState, position: Array | int = 0
+                ) -> tuple[Array, MemoryLayerState]:
+        """``x [B, T, E]`` at positions ``position .. position + T - 1`` (``position`` scalar or
+        ``[B]``, counted as in :meth:`decode_step`) in one chunked parallel call, continuing from
+        ``state`` (also from inside a chunk) -> ``(y [B, T, E], state)``; equals ``T``
+        :meth:`decode_step` calls."""
+        self._check_x("x", x, 3)
+        return self._run(x, state, _position("position", position, x.shape[0]))
+
     def decode_step(self, x_t: Array, state: MemoryLayerState, position: Array | int
                     ) -> tuple[Array, MemoryLayerState]:
         """One token ``x_t [B, E]`` at ``position`` (scalar or ``[B]``, counted from the first
         token after the persistent ones) -> ``(y_t [B, E], state)``; equals the forward there."""
-        if getattr(x_t, "ndim", None) != 2 or x_t.shape[-1] != self.d_model:
-            raise ValueError(f"x_t must be [batch, d_model={self.d_model}]; got {shape_str(x_t)}")
+        self._check_x("x_t", x_t, 2)
         return self.stream_step(x_t, state, position)
 
 
@@ -360,11 +376,11 @@ class TitansMemory(_MemoryLayer):
                             grad_clip=self.grad_clip)
 
     def _opts(self) -> dict[str, Any]:
-        return dict(activation=self.activation, residual=self.residual, grad_clip=self.grad_clip)
+        return dict(activation=self.activation, residual=self.residual, grad_clip=self.grad_clip,
+                    chunk_size=self.chunk_size)
 
     def _transform(self, q, k, v, gates, state):
-        return za.titans(q, k, v, **gates, **self._opts(), chunk_size=self.chunk_size, initial_state=state,
-                         return_state=True)
+        return za.titans(q, k, v, **gates, **self._opts(), initial_state=state, return_state=True, causal=True)
 
     def _step(self, q, k, v, gates, state):
         return za.titans_step(state, q, k, v, **gates, **self._opts())
@@ -423,7 +439,7 @@ class MirasMemory(_MemoryLayer):
     def _opts(self) -> dict[str, Any]:
         return dict(bias=self.bias, retention=self.retention, algorithm=self.algorithm, p=self.p,
                     q_order=self.q_order, kl_scale=self.kl_scale, eps=self.eps, activation=self.activation,
-                    residual=self.residual, grad_clip=self.grad_clip)
+                    residual=self.residual, grad_clip=self.grad_clip, chunk_size=self.chunk_size)
 
     def _rule(self) -> Rule:
         return _miras_rule(self.bias, self.retention, p=self.p, q_order=self.q_order, kl_scale=self.kl_scale,
@@ -431,8 +447,7 @@ class MirasMemory(_MemoryLayer):
                             grad_clip=self.grad_clip)
 
     def _transform(self, q, k, v, gates, state):
-        return za.miras(q, k, v, **gates, **self._opts(), chunk_size=self.chunk_size, initial_state=state,
-                        return_state=True)
+        return za.miras(q, k, v, **gates, **self._opts(), initial_state=state, return_state=True, causal=True)
 
     def _step(self, q, k, v, gates, state):
         return za.miras_step(state, q, k, v, **gates, **self._opts())
@@ -460,23 +475,16 @@ def miras_memory_mixer(
                        **kw)
 
 
-def _preset_mixer(name: str):
-    def factory(
-        d_model: int, rngs: nnx.Rngs, *, num_heads: int, head_dim: int | None = None, dtype: Any = None,
-        param_dtype: Any = jnp.float32, **kw: Any,
-    ) -> MirasMemory:
-        return MirasMemory(d_model, num_heads, preset=name, head_dim=head_dim, dtype=dtype,
-                           param_dtype=param_dtype, rngs=rngs, **kw)
-
-    factory.__name__ = f"{name}_layer_mixer"
-    factory.__doc__ = f"``zoo.nn.register_mixer`` factory of :class:`MirasMemory` with ``preset={name!r}``."
-    return factory
-
-
-register_mixer("titans_memory", titans_memory_mixer)
-register_mixer("miras_memory", miras_memory_mixer)
-for _name in ("moneta", "yaad", "memora"):
-    register_mixer(f"{_name}_layer", _preset_mixer(_name))
+register_mixer(
+    "titans_memory", titans_memory_mixer,
+    description="TitansMemory: the Titans neural-memory layer with data-dependent gates (the mixer 'titans' is "
+                "the titans transform with constant gates inside MultiHeadAttention)",
+)
+register_mixer(
+    "miras_memory", miras_memory_mixer,
+    description="MirasMemory: the Miras memory layer with data-dependent gates; presets by keyword "
+                "({'module': 'miras_memory', 'preset': 'moneta'|'yaad'|'memora'})",
+)
 
 __all__ = ["MemoryLayerState", "MirasMemory", "TitansMemory", "causal_conv", "miras_memory_mixer",
            "titans_memory_mixer"]
