@@ -198,7 +198,8 @@ def run_presets(args, h, d):
             tr = za.get(name)
             gp = {**gd, **({"delta": jnp.ones_like(gd["theta"])} if name == "yaad" else {})}
             fc = jax.jit(lambda q, k, v, g, tr=tr, w=w: tr(q, k, v, causal=True, weights=w, chunk_size=64, **g))
-            fs = jax.jit(lambda q, k, v, g, tr=tr, w=w: tr.reference(q, k, v, causal=True, weights=w, chunk_size=1, **g))
+            fs = jax.jit(lambda q, k, v, g, tr=tr, w=w: tr.reference(q, k, v, causal=True, weights=w,
+                                                                 chunk_size=1, **g))
             tc, tsq = median_time(fc, (*xs, gp), args.reps), median_time(fs, (*xs, gp), args.reps)
             form = "dual" if name == "yaad" else "materialize"
             print(f"preset {name:7s} {tag:7s} chunked {tc * 1e3:8.1f} ms  sequential {tsq * 1e3:8.1f} ms", flush=True)
