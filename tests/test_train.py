@@ -194,8 +194,42 @@ def test_bad_config_is_one_clear_line(data_dir, tmp_path):
     )
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "WARNING" not in ln and "absl" not in ln]
-    assert lines[-1].startswith("config error: model.mixer='softmaxx' is not a registered transform"), res.stderr
+    assert lines[-1].startswith("config error: model.mixer: unknown mixer 'softmaxx'"), res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    "mixer, options, error",
+    [
+        ("titans_memory", {}, None),  # a mixer layer, not a transform: validate used to refuse it
+        ("titans_mac", {"segment_len": 8}, None),
+        ("titans_mac", {"segment_lenn": 8}, "segment_lenn"),
+        ("sliding_window", {"window": 8}, None),
+        ("sliding_window", {"windw": 8}, "windw"),  # a transform option typo, caught by check_options
+        ("softmax", {"transform_kwargs": {"wndow": 3}}, "wndow"),
+        ("softmax", {"qk_norm": True}, None),  # a MultiHeadAttention argument
+        (["softmax", {"transform": "linear", "feature_mapp": "elu"}], {}, r"model\.mixer\[1\].*feature_mapp"),
+        ("softmaxx", {}, "unknown mixer 'softmaxx'"),
+        ("flow_layerr", {}, "unknown mixer"),
+    ],
+)
+def test_validate_uses_the_build_mixer_check(mixer, options, error):
+    """run.validate accepts a mixer spec iff building the model accepts it (one check: zoo.nn's
+    check_mixer_spec, which validates transform options with Transform.check_options)."""
+    from zoo import data as zdata
+
+    d = run.config_to_dict(mqar.get_config())
+    d["model"].update(mixer=mixer, mixer_options=options)
+    tspec = zdata.get_task("mqar").spec(**dict(d["task"]["params"]))
+    build = lambda: nnx.eval_shape(lambda: train_lib.build_model(d["model"], tspec, seed=0))  # noqa: E731
+    if error is None:
+        run.validate(d)
+        build()
+    else:
+        with pytest.raises(run.ConfigError, match=error):
+            run.validate(d)
+        with pytest.raises(ValueError):
+            build()
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.name)

@@ -27,10 +27,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-import zoo.attention as za
+import zoo.models  # noqa: F401  (registers the model-level mixers: titans_mac, ...)
 from zoo import data as zdata
 from zoo import sharding, train_lib
 from zoo.checkpoint import Checkpointer
+from zoo.nn import check_mixer_spec
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,18 @@ def config_to_dict(config: Any) -> dict:
     return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
 
 
+def _check_mixers(model_cfg: dict) -> None:
+    """Every layer's mixer spec (``model.mixer`` with ``model.mixer_options``, combined as the model
+    is built) passes the check ``zoo.nn.build_mixer`` applies (``check_mixer_spec``: a known mixer
+    name, arguments the mixer takes, and transform options that pass
+    ``zoo.attention.get(name).check_options``)."""
+    if model_cfg.get("mixer") is None:
+        return
+    kw = train_lib.model_kwargs({"num_layers": 1, **model_cfg})
+    for i, spec in enumerate(kw["mixers"]):
+        check_mixer_spec(spec, name="model.mixer" if isinstance(model_cfg["mixer"], str) else f"model.mixer[{i}]")
+
+
 def validate(cfg: dict) -> None:
     """Checks the values a run depends on and raises :class:`ConfigError` naming the key."""
     task = cfg["task"]["name"]
@@ -49,11 +62,10 @@ def validate(cfg: dict) -> None:
     m = cfg["model"]
     if m.get("name", "decoder_lm") not in train_lib.MODELS:
         raise ConfigError(f"model.name={m.get('name')!r} is not valid; valid: {', '.join(sorted(train_lib.MODELS))}")
-    mixers = m.get("mixer")
-    for mx in [mixers] if isinstance(mixers, str) else list(mixers or []):
-        name = mx.get("transform") if isinstance(mx, dict) else mx
-        if isinstance(name, str) and name not in za.names():
-            raise ConfigError(f"model.mixer={name!r} is not a registered transform; valid: {', '.join(za.names())}")
+    try:
+        _check_mixers(m)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     t = cfg["train"]
     for key in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "eval_batches"):
         if not isinstance(t[key], int) or t[key] < 1:

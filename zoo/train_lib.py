@@ -42,7 +42,9 @@ def _encoder_classifier(spec, rngs, **kw):
 def _positional_transformer(spec, rngs, **kw):
     from zoo.models import PositionalTransformer
 
-    return PositionalTransformer(spec.input_dim, spec.output_dim, spec.seq_len, rngs=rngs, **kw)
+    scratch = kw.pop("scratch", 1)  # the task's L = n + scratch positions
+    return PositionalTransformer(spec.seq_len - scratch, scratch=scratch, in_dim=spec.input_dim,
+                                 out_dim=spec.output_dim, rngs=rngs, **kw)
 
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
@@ -54,15 +56,21 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
 
 def model_kwargs(model_cfg: dict) -> dict:
     """Constructor kwargs from a model config: ``mixer`` (one name or a per-layer list) and
-    ``mixer_options`` (MultiHeadAttention kwargs, e.g. ``{"transform_kwargs": {...}}``) become the
-    ``mixers`` argument; everything else passes through."""
+    ``mixer_options`` (the mixer's keyword arguments for every layer named by a string: for an
+    attention transform MultiHeadAttention arguments or transform options, e.g.
+    ``{"window": 8}``; for a registered mixer module its factory's) become the ``mixers``
+    argument; everything else passes through."""
+    import zoo.attention as za
+    from zoo.nn import mixer_names
+
     cfg = dict(model_cfg)
     cfg.pop("name", None)
     mixer = cfg.pop("mixer", None)
     options = dict(cfg.pop("mixer_options", None) or {})
     if mixer is not None:
         mixers = [mixer] * cfg["num_layers"] if isinstance(mixer, str) else list(mixer)
-        cfg["mixers"] = [m if isinstance(m, dict) or not options else {"transform": m, **options} for m in mixers]
+        key = lambda m: "module" if isinstance(m, str) and m not in za.names() and m in mixer_names() else "transform"
+        cfg["mixers"] = [m if isinstance(m, dict) or not options else {key(m): m, **options} for m in mixers]
     return cfg
 
 

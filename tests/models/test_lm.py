@@ -1,9 +1,11 @@
-"""DecoderLM / generate / EncoderClassifier: shapes, gradients, decode == forward for every
-registered mechanism, parameter counts, abstract building, logical axes, bad configs."""
+"""DecoderLM / generate / EncoderClassifier: shapes, gradients, decode == prefill + decode ==
+forward for every registered mechanism and mixer layer, greedy generation (prefill + decode) ==
+token-by-token decoding, parameter counts, abstract building, logical axes, bad configs and
+bad inputs (token ids, positions past max_len, a too small generate max_len)."""
 
 from __future__ import annotations
 
-import inspect
+import math
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +21,15 @@ from zoo.models import DecoderLM, EncoderClassifier, generate, param_count
 V, D, L, H, T, B = 37, 16, 2, 2, 8, 2
 
 def exact_options(name: str) -> dict:
-    """Options that make a transform's parallel form equal its step: a window for
-    sliding_window; chunk_size=1 for the test-time memories (titans, miras, ...), whose chunked
-    form freezes gradients at chunk starts while step is the exact recurrence."""
+    """Options for a decoding test: a window of 3 for sliding_window (smaller than T, so the ring
+    buffer wraps), and the options a transform needs given explicitly for its step to equal its
+    parallel form (``Transform.step_exact``: sigmoid's ``bias``, whose parallel default is
+    ``-log(key count)``)."""
     t = za.get(name)
     kw = {"window": 3} if name == "sliding_window" else {}
-    if t.causal_only and "chunk_size" in inspect.signature(t.fn).parameters:
-        kw["chunk_size"] = 1
+    if "bias" in t.step_exact:
+        kw["bias"] = -math.log(T)
     return kw
-
-# Transforms whose k must have as many heads as q (no grouped-query form).
-NO_GQA = {"positional"}
 
 
 def tokens(b: int = B, t: int = T, seed: int = 1) -> jax.Array:
@@ -45,16 +45,45 @@ fwd = nnx.jit(lambda m, x: m(x))
 cls_fwd = nnx.jit(lambda m, x, mask: m(x, mask=mask))
 
 
-def decode_all(model: DecoderLM, toks: jax.Array, max_len: int | None = None) -> jax.Array:
-    """Logits of decode_step token by token (one jitted step), ``[B, T, V]``."""
-    step = nnx.jit(lambda m, tok, st: m.decode_step(tok, st))
-    st = model.init_state(toks.shape[0], toks.shape[1] if max_len is None else max_len)
+step_fn = nnx.jit(lambda m, tok, st: m.decode_step(tok, st))
+
+
+def decode_all(model: DecoderLM, toks: jax.Array, max_len: int | None = None, state=None) -> jax.Array:
+    """Logits of decode_step token by token (one jitted step), ``[B, T, V]``, from a fresh state
+    (or ``state``)."""
+    st = model.init_state(toks.shape[0], toks.shape[1] if max_len is None else max_len) if state is None else state
+    p0 = int(st.position)
     out = []
     for t in range(toks.shape[1]):
-        logits, st = step(model, toks[:, t], st)
+        logits, st = step_fn(model, toks[:, t], st)
         out.append(logits)
-    assert int(st.position) == toks.shape[1]
+    assert int(st.position) == p0 + toks.shape[1]
     return jnp.stack(out, axis=1)
+
+
+def greedy_by_steps(model: DecoderLM, prompt: jax.Array, num_steps: int) -> np.ndarray:
+    """Greedy generation with decode_step only (the prompt too, token by token): the reference
+    for generate's prefill + decode."""
+    st = model.init_state(prompt.shape[0], prompt.shape[1] + num_steps)
+    for t in range(prompt.shape[1]):
+        logits, st = step_fn(model, prompt[:, t], st)
+    out = [np.asarray(prompt)]
+    for _ in range(num_steps):
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        out.append(np.asarray(tok)[:, None])
+        logits, st = step_fn(model, tok, st)
+    return np.concatenate(out, axis=1)
+
+
+def check_prefill(model: DecoderLM, x: jax.Array, decoded: jax.Array, forward: jax.Array, *, split: int = 5,
+                  what: str = "") -> None:
+    """``prefill(x[:, :split])`` (eager) gives the forward's logits, and its state continued by
+    decode_step gives the token-by-token logits ``decoded`` for the rest (float32, 1e-4)."""
+    logits, st = model.prefill(x[:, :split], max_len=x.shape[1])
+    assert logits.shape == (x.shape[0], split, model.vocab_size) and int(st.position) == split
+    assert_close(logits, forward[:, :split], atol=1e-4, rtol=1e-4, what=f"{what}: prefill vs forward")
+    rest = decode_all(model, x[:, split:], state=st)
+    assert_close(rest, decoded[:, split:], atol=1e-4, rtol=1e-4, what=f"{what}: prefill + decode vs decode")
 
 
 def _decodable() -> list:
@@ -62,8 +91,8 @@ def _decodable() -> list:
     for name in za.names():
         t = za.get(name)
         marks = ()
-        if t.step is None or t.init_state is None:
-            marks = pytest.mark.skip(reason=f"{name!r} has no decoding form (no init_state/step)")
+        if not t.decodes:
+            marks = pytest.mark.skip(reason=f"{name!r} has no decoding form (no init_state/prefill/step)")
         params.append(pytest.param(name, marks=marks, id=name))
     return params
 
@@ -126,14 +155,17 @@ def test_one_sgd_step_lowers_the_loss():
 
 
 @pytest.mark.parametrize("name", _decodable())
-def test_decode_matches_forward_every_mechanism(name):
-    """decode_step token by token == full causal forward (float32, ~1e-4), for each registered
-    transform with a decoding form; RoPE and grouped-query heads on."""
+def test_decode_and_prefill_match_forward_every_mechanism(name):
+    """decode_step token by token == full causal forward (float32, ~1e-4), and prefill of the
+    first 5 tokens + decode_step of the rest == the same (defect 7 of issue 10), for each
+    registered transform with a decoding form; RoPE, grouped-query heads and a short conv on."""
     spec = {"transform": name, **exact_options(name)}
-    kv = 4 if name in NO_GQA else 2
-    m = DecoderLM(V, D, L, 4, mixers=spec, num_kv_heads=kv, max_len=32, rngs=nnx.Rngs(0))
+    kv = 2 if za.get(name).gqa else 4
+    m = DecoderLM(V, D, L, 4, mixers=spec, num_kv_heads=kv, short_conv=2, max_len=32, rngs=nnx.Rngs(0))
     x = tokens()
-    assert_close(decode_all(m, x), fwd(m, x), atol=1e-4, rtol=1e-4, what=f"{name}: decode vs forward")
+    decoded, forward = decode_all(m, x), fwd(m, x)
+    assert_close(decoded, forward, atol=1e-4, rtol=1e-4, what=f"{name}: decode vs forward")
+    check_prefill(m, x, decoded, forward, what=name)
 
 
 @pytest.mark.parametrize(
@@ -170,6 +202,20 @@ def test_decode_with_larger_capacity():
     assert_close(decode_all(m, x, max_len=20), fwd(m, x), atol=1e-4, rtol=1e-4, what="capacity 20")
 
 
+def test_prefill_from_a_state_and_last_only():
+    """prefill continues a state at its position (concrete eagerly, traced under jit), in
+    pieces; ``last_only`` returns the last token's logits only."""
+    m = lm(["softmax", {"transform": "sliding_window", "window": 3}], pos="learned", short_conv=2)
+    x = tokens(t=12)
+    decoded = decode_all(m, x, max_len=12)
+    _, st = m.prefill(x[:, :3], max_len=12)
+    mid, st = m.prefill(x[:, 3:8], st)
+    assert_close(mid, decoded[:, 3:8], atol=1e-4, rtol=1e-4, what="second prefill (eager)")
+    last, st = nnx.jit(lambda m, a, s: m.prefill(a, s, last_only=True))(m, x[:, 8:], st)
+    assert last.shape == (B, V) and int(st.position) == 12
+    assert_close(last, decoded[:, -1], atol=1e-4, rtol=1e-4, what="third prefill (jit, last_only)")
+
+
 # ----------------------------------------------------------------------------- generation
 
 
@@ -202,6 +248,78 @@ def test_generate_sampling():
         generate(m, prompt, 2, temperature=1.0)
     with pytest.raises(ValueError, match="max_len"):
         generate(m, prompt, 40)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        pytest.param("softmax", id="softmax"),
+        pytest.param("linear", id="linear"),
+        pytest.param("titans", id="titans"),
+        pytest.param({"transform": "sliding_window", "window": 3}, id="sliding_window"),
+        pytest.param("aaren", id="aaren"),
+        pytest.param({"module": "titans_mac", "segment_len": 4, "num_persistent": 2, "chunk_size": 2},
+                     id="titans_mac"),
+        pytest.param({"module": "titans_mal", "window": 3, "num_persistent": 1, "chunk_size": 2}, id="titans_mal"),
+    ],
+)
+def test_generate_prefill_then_decode_equals_all_decode(spec):
+    """generate (prefill of the 7-token prompt, then decode steps) gives the same greedy tokens
+    as feeding the prompt through decode_step one token at a time (defect 7). The prompt spans
+    a whole MAC segment and a ragged one, and wraps the window-3 ring buffers."""
+    m = lm(spec, short_conv=2)
+    prompt = tokens(t=7, seed=4)
+    got = np.asarray(generate(m, prompt, 4))
+    np.testing.assert_array_equal(got, greedy_by_steps(m, prompt, 4))
+
+
+def test_bad_token_ids_raise():
+    """Token ids outside [0, vocab_size) are a ValueError naming the argument (defect: NaN logits
+    or wrap-around) wherever they are concrete."""
+    m = lm()
+    bad = tokens().at[0, 3].set(V)
+    neg = tokens().at[1, 0].set(-1)
+    for x in (bad, neg):
+        with pytest.raises(ValueError, match=r"tokens must hold token ids in \[0, vocab_size=37\)"):
+            m(x)
+        with pytest.raises(ValueError, match="tokens must hold token ids"):
+            m.prefill(x)
+        with pytest.raises(ValueError, match="prompt must hold token ids"):
+            generate(m, x, 2)
+    st = m.init_state(B, 8)
+    with pytest.raises(ValueError, match="tokens_t must hold token ids"):
+        m.decode_step(jnp.array([0, V], jnp.int32), st)
+    with pytest.raises(ValueError, match="tokens_t must be int"):
+        m.decode_step(jnp.zeros((B, 1), jnp.int32), st)
+    with pytest.raises(ValueError, match="tokens must hold at least one token"):
+        m.prefill(jnp.zeros((B, 0), jnp.int32))
+    # under jit the values are unknown: no check, no error while tracing
+    assert fwd(m, tokens()).shape == (B, T, V)
+
+
+def test_decoding_past_max_len_raises():
+    """Learned positions: decoding past max_len is a ValueError (defect: silent clamp to the
+    last position); under jit the position is traced and the logits are NaN there instead. A
+    generate max_len shorter than prompt + steps is a ValueError (defect: silent ring buffer)."""
+    m = lm(pos="learned", max_len=6)
+    x = tokens(t=6)
+    with pytest.raises(ValueError, match="max_len"):
+        m.init_state(B, 7)
+    logits, st = m.prefill(x, max_len=6)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    with pytest.raises(ValueError, match="past max_len 6"):
+        m.decode_step(x[:, 0], st)
+    _, st4 = m.prefill(x[:, :4])
+    with pytest.raises(ValueError, match="past max_len 6"):
+        m.prefill(x[:, :3], st4)
+    traced, _ = step_fn(m, x[:, 0], st)
+    assert bool(jnp.all(jnp.isnan(traced)))
+    r = lm(["softmax", "linear"])
+    prompt = tokens(t=4)
+    with pytest.raises(ValueError, match=r"max_len \(5\) < prompt length \+ num_steps"):
+        generate(r, prompt, 3, max_len=5)
+    np.testing.assert_array_equal(np.asarray(generate(r, prompt, 3, max_len=12)),
+                                  np.asarray(generate(r, prompt, 3)))
 
 
 # ----------------------------------------------------------------------------- structure
@@ -338,7 +456,9 @@ def test_registered_module_mixer():
     m = lm([{"module": "test_shift"}, "softmax"])
     assert isinstance(m.blocks[0].mixer, _Shift)
     x = tokens()
-    assert_close(decode_all(m, x), fwd(m, x), atol=1e-4, rtol=1e-4, what="module mixer decode")
+    decoded, forward = decode_all(m, x), fwd(m, x)
+    assert_close(decoded, forward, atol=1e-4, rtol=1e-4, what="module mixer decode")
+    check_prefill(m, x, decoded, forward, what="module without prefill (decode_steps)")
     m2 = lm(["test_shift", "linear"])  # a registered name works as a plain string too
     assert isinstance(m2.blocks[0].mixer, _Shift)
 
@@ -376,10 +496,12 @@ def test_classifier_features_and_errors():
         c(f, mask=jnp.ones((B, 9), bool))  # linear attention takes no mask
 
 
-@pytest.mark.parametrize("module", [n for n in zn.mixer_names() if n not in ("attention", "test_shift")])
-def test_decode_matches_forward_every_module_mixer(module):
-    """Every registered mixer module (written against the register_mixer interface) works as a
-    DecoderLM layer: decode_step token by token == forward."""
+@pytest.mark.parametrize("module", [n for n in zn.mixer_names(kind="layer") if n not in ("attention", "test_shift")])
+def test_decode_and_prefill_match_forward_every_module_mixer(module):
+    """Every registered mixer layer (written against the register_mixer interface) works as a
+    DecoderLM layer: decode_step token by token == forward, and prefill + decode == both."""
     m = DecoderLM(V, D, L, H, mixers=[{"module": module}, "softmax"], max_len=32, rngs=nnx.Rngs(0))
     x = tokens()
-    assert_close(decode_all(m, x), fwd(m, x), atol=1e-4, rtol=1e-4, what=f"{module}: decode vs forward")
+    decoded, forward = decode_all(m, x), fwd(m, x)
+    assert_close(decoded, forward, atol=1e-4, rtol=1e-4, what=f"{module}: decode vs forward")
+    check_prefill(m, x, decoded, forward, what=module)

@@ -107,6 +107,10 @@ def test_aaren_stack_regression_online_equals_forward():
     y = nnx.jit(lambda m, a: m(a))(model, x)
     assert y.shape == (2, 9, 2)
     assert_close(_online(model, x, model.init_state(2)), y, atol=2e-6, what="online == forward")
+    # prefill of a stretch, continued online, equals the forward too
+    first, st = model.prefill(x[:, :5], model.init_state(2))
+    assert_close(first, y[:, :5], atol=2e-6, what="prefill == forward")
+    assert_close(_online(model, x[:, 5:], st), y[:, 5:], atol=2e-6, what="online after prefill == forward")
     # causal: later inputs never change earlier predictions
     x2 = np.array(x)
     x2[:, 6:] = -3.0

@@ -32,9 +32,11 @@ def model(variant: str, **kw) -> TitansLM:
 fwd = nnx.jit(lambda m, x: m(x))
 
 
-def decode_all(m, toks):
-    step = nnx.jit(lambda m, tok, st: m.decode_step(tok, st))
-    st = m.init_state(toks.shape[0], toks.shape[1])
+step = nnx.jit(lambda m, tok, st: m.decode_step(tok, st))
+
+
+def decode_all(m, toks, state=None):
+    st = m.init_state(toks.shape[0], toks.shape[1]) if state is None else state
     out = []
     for t in range(toks.shape[1]):
         logits, st = step(m, toks[:, t], st)
@@ -54,6 +56,28 @@ def test_shapes_gradients_and_decode_matches_forward(variant):
     leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
     assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert_close(decode_all(m, x), logits, atol=1e-4, rtol=1e-4, what=f"{variant}: decode vs forward")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prefill_equals_decode_steps(variant):
+    """prefill == decode_step token by token (float32, 1e-4), and its state continues decoding:
+    from position 0 (MAC: two whole segments of 4 in parallel and a ragged 2-token one), from
+    position 2 inside a segment (MAC: 2 tokens one by one, then segments) and under jit, where
+    the position is traced (MAC: token by token). MAG/MAL: the window-4 ring buffer wraps."""
+    m = model(variant)
+    x = tokens(11)
+    decoded = decode_all(m, x)
+    logits, st = m.prefill(x[:, :10], max_len=11)
+    assert_close(logits, decoded[:, :10], atol=1e-4, rtol=1e-4, what=f"{variant}: prefill from 0")
+    assert_close(decode_all(m, x[:, 10:], st), decoded[:, 10:], atol=1e-4, rtol=1e-4,
+                 what=f"{variant}: decode after prefill")
+    _, st2 = m.prefill(x[:, :2], max_len=11)
+    logits, st = m.prefill(x[:, 2:10], st2)
+    assert_close(logits, decoded[:, 2:10], atol=1e-4, rtol=1e-4, what=f"{variant}: prefill from 2")
+    assert_close(decode_all(m, x[:, 10:], st), decoded[:, 10:], atol=1e-4, rtol=1e-4,
+                 what=f"{variant}: decode after prefill from 2")
+    logits, _ = nnx.jit(lambda m, a, s: m.prefill(a, s))(m, x[:, 2:], st2)
+    assert_close(logits, decoded[:, 2:], atol=1e-4, rtol=1e-4, what=f"{variant}: prefill at a traced position")
 
 
 def test_generate_titans_mac_greedy_matches_forward():
@@ -110,11 +134,11 @@ def test_mac_retrieve_attend_write_order():
     y = aux0["y"]
     f, _ = m.memory.project(y, mem0.conv)
     mm = m.memory
-    _, st = za.titans(f["q"], f["k"], f["v"], **mm.gates(y), chunk_size=mm.chunk_size, activation=mm.activation,
-                      residual=mm.residual, initial_state=mem0.memory, return_state=True)
+    _, st = za.titans(f["q"], f["k"], f["v"], **mm.gates(y), causal=True, chunk_size=mm.chunk_size,
+                      activation=mm.activation, residual=mm.residual, initial_state=mem0.memory, return_state=True)
     tree_assert_close(carry1[0].memory, st, atol=1e-6, what="memory after segment 0")
     fx, _ = m.memory.project(x[:, :4], mem0.conv)
-    _, st_x = za.titans(fx["q"], fx["k"], fx["v"], **mm.gates(x[:, :4]), chunk_size=mm.chunk_size,
+    _, st_x = za.titans(fx["q"], fx["k"], fx["v"], **mm.gates(x[:, :4]), causal=True, chunk_size=mm.chunk_size,
                         initial_state=mem0.memory, return_state=True)
     assert float(jnp.abs(st_x.weights[0] - carry1[0].memory.weights[0]).max()) > 1e-6  # not written with x
     # segment 1 retrieves from M_1, the memory after segment 0

@@ -9,10 +9,10 @@ Aaren is causal, so the output at step ``t`` depends on ``x_1..x_t`` only: the m
 prediction after every new input (time-series forecasting, event forecasting, reinforcement
 learning in the paper) and can be run *online* with O(1) memory per layer through
 :meth:`init_state` / :meth:`decode_step` (each Aaren layer carries its ``(m, u, w)`` prefix
-summary; the MLP and norms are per-token). Classification pools with ``"last"`` (the last real
-token: it has seen the whole sequence) or ``"mean"`` over real tokens. Residual, norm and MLP
-placement follow the paper's "drop-in for the attention sub-layer" description (pre-norm, as
-``zoo.models.DecoderLM``).
+summary; the MLP and norms are per-token), a stretch of inputs at once with :meth:`prefill`.
+Classification pools with ``"last"`` (the last real token: it has seen the whole sequence) or
+``"mean"`` over real tokens. Residual, norm and MLP placement follow the paper's "drop-in for
+the attention sub-layer" description (pre-norm, as ``zoo.models.DecoderLM``).
 
 Paper: Feng, Tung, Hajimirsadeghi, Bengio, Ahmed, "Attention as an RNN" (arXiv 2405.13956).
 """
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.attention.common import shape_str
+from zoo.models.lm import prefill_module
 from zoo.nn.aaren import AarenLayer
 from zoo.nn.layers import MLP, Embed, RMSNorm, axes
 
@@ -63,6 +64,14 @@ class AarenBlock(nnx.Module):
         if self.mlp is not None:
             x_t = x_t + self.mlp(self.norm2(x_t))
         return x_t, state
+
+    def prefill(self, x: Array, state: Any) -> tuple[Array, Any]:
+        """``x [B, T, E]`` continuing from ``state`` in one parallel call; equals ``T`` :meth:`decode_step`."""
+        y, state = prefill_module(self.aaren, self.norm1(x), state)
+        x = x + y
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x, state
 
 
 class AarenStack(nnx.Module):
@@ -159,6 +168,21 @@ class AarenStack(nnx.Module):
         new = []
         for blk, s in zip(self.blocks, state):
             h, s = blk.decode_step(h, s)
+            new.append(s)
+        y = self.head(self.norm(h))
+        return (y if self.task == "regression" else y.astype(jnp.float32)), new
+
+    def prefill(self, x: Array, state: list[Any]) -> tuple[Array, list[Any]]:
+        """Online steps for a stretch ``x [B, T, in_dim]`` (or token ids ``[B, T]``) in one parallel
+        call per layer: the outputs after each step (regression ``[B, T, out_dim]``;
+        classification: the ``"last"``-pooling logits after each step, ``[B, T, num_classes]``)
+        and the new state; equals ``T`` :meth:`decode_step` calls."""
+        if self.task == "classification" and self.pooling != "last":
+            raise ValueError("online classification needs pooling='last'")
+        h = self._embed(x, per_token=False)
+        new = []
+        for blk, s in zip(self.blocks, state):
+            h, s = blk.prefill(h, s)
             new.append(s)
         y = self.head(self.norm(h))
         return (y if self.task == "regression" else y.astype(jnp.float32)), new

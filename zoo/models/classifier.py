@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo.models.lm import POS, _check_choice, _check_int, build_blocks
+from zoo.models.lm import POS, _check_choice, _check_int, build_blocks, check_tokens
 from zoo.nn.attention import MultiHeadAttention
 from zoo.nn.layers import Embed, RMSNorm, normal_init, param
 
@@ -98,13 +98,12 @@ class EncoderClassifier(nnx.Module):
         self.head_bias = param(rngs, nnx.initializers.zeros, (num_classes,), (None,), param_dtype)
 
     def __call__(self, inputs: Array, mask: Array | None = None) -> Array:
-        """``inputs`` ``[B, T]`` tokens or ``[B, T, input_dim]`` features -> logits ``[B, C]`` float32."""
-        inputs = jnp.asarray(inputs)
+        """``inputs`` ``[B, T]`` tokens (ids in ``[0, vocab_size)``, checked when concrete) or
+        ``[B, T, input_dim]`` features -> logits ``[B, C]`` float32."""
         if self.vocab_size is not None:
-            if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
-                raise ValueError(f"inputs must be int tokens [batch, length]; got {inputs.dtype} {inputs.shape}")
-            x = self.embed(inputs)
+            x = self.embed(check_tokens("inputs", inputs, self.vocab_size))
         else:
+            inputs = jnp.asarray(inputs)
             if inputs.ndim != 3 or inputs.shape[-1] != self.input_dim:
                 raise ValueError(f"inputs must be [batch, length, {self.input_dim}]; got {inputs.shape}")
             dt = self.dtype or jnp.result_type(inputs.dtype, jnp.float32)

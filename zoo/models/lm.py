@@ -10,8 +10,14 @@ between a token embedding (optionally plus learned positions; RoPE is applied in
 attention mixers) and a final RMS norm with (tied) output logits. Mixers are given per layer
 (``mixers=["based", {"transform": "sliding_window", "window": 8}, "softmax"]``), so hybrid
 models are a config string. Decoding runs on the mixers' own recurrent states (KV caches,
-linear-attention states, ...) one token at a time: :meth:`DecoderLM.init_state` /
-:meth:`DecoderLM.decode_step`, and :func:`generate` on top (one jitted function per config).
+linear-attention states, ...): :meth:`DecoderLM.init_state`, :meth:`DecoderLM.prefill` (a whole
+prompt in one parallel call per layer, returning every layer's state) and
+:meth:`DecoderLM.decode_step` (one token), with :func:`generate` on top (prefill the prompt, then
+one decode step per new token; one jitted function per config).
+
+Bad input is a ``ValueError`` naming the argument: token ids outside ``[0, vocab_size)`` (checked
+when the values are concrete, i.e. outside ``jit``), decoding past a learned-position
+``max_len``, a ``generate(max_len=...)`` shorter than prompt + steps, length-0 sequences.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zoo.attention.common import concrete
 from zoo.nn.attention import build_mixer
 from zoo.nn.layers import MLP, Embed, RMSNorm, ShortConv, normal_init, param
 
@@ -58,6 +65,51 @@ def param_count(model: nnx.Module) -> int:
     model from ``nnx.eval_shape`` too."""
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     return sum(math.prod(x.shape) for x in leaves)
+
+
+def decode_steps(module: Any, x: Array, state: Any, position: Array | int = 0) -> tuple[Array, Any]:
+    """``T`` calls of ``module.decode_step`` in a ``lax.scan``: ``x [B, T, E]`` at positions
+    ``position .. position + T - 1`` -> ``(y [B, T, E], state)``. The definition a mixer's
+    ``prefill`` must equal, and the prefill of a module that has none."""
+    pos0 = jnp.asarray(position, jnp.int32)
+
+    def body(st, inp):
+        x_t, t = inp
+        y_t, st = module.decode_step(x_t, st, pos0 + t)
+        return st, y_t
+
+    state, ys = jax.lax.scan(body, state, (jnp.swapaxes(x, 0, 1), jnp.arange(x.shape[1], dtype=jnp.int32)))
+    return jnp.swapaxes(ys, 0, 1), state
+
+
+def prefill_module(module: Any, x: Array, state: Any, position: Array | int = 0) -> tuple[Array, Any]:
+    """``module.prefill(x, state, position)`` (one parallel call, the mixer interface), or
+    :func:`decode_steps` for a module that offers only ``decode_step``."""
+    if hasattr(module, "prefill"):
+        return module.prefill(x, state, position)
+    return decode_steps(module, x, state, position)
+
+
+def check_tokens(name: str, tokens: Any, vocab_size: int, *, ndim: int = 2) -> Array:
+    """``tokens`` as an int array of rank ``ndim`` (``[batch, length >= 1]`` or ``[batch]``) whose
+    ids lie in ``[0, vocab_size)``; ValueError naming ``name`` otherwise. The range is checked
+    when the values are concrete (not under ``jit``, where they are unknown)."""
+    a = concrete(tokens)
+    dt = getattr(tokens, "dtype", None) if a is None else a.dtype
+    shape = tuple(getattr(tokens, "shape", ())) if a is None else a.shape
+    layout = "[batch, length]" if ndim == 2 else "[batch]"
+    if len(shape) != ndim or dt is None or not jnp.issubdtype(dt, jnp.integer):
+        raise ValueError(f"{name} must be int {layout}; got {dt} {shape}")
+    if ndim == 2 and shape[1] == 0:
+        raise ValueError(f"{name} must hold at least one token (length >= 1); got shape {shape}")
+    if a is not None and a.size:
+        bad = (a < 0) | (a >= vocab_size)
+        if bad.any():
+            raise ValueError(
+                f"{name} must hold token ids in [0, vocab_size={vocab_size}); got {int(a[bad].flat[0])} "
+                f"({int(bad.sum())} out of range)"
+            )
+    return jnp.asarray(tokens)
 
 
 class Block(nnx.Module):
@@ -109,6 +161,21 @@ class Block(nnx.Module):
         if self.mlp is not None:
             x_t = x_t + self.mlp(self.norm2(x_t)).astype(x_t.dtype)
         return x_t, state
+
+    def prefill(self, x: Array, state: dict[str, Any], position: Array | int = 0) -> tuple[Array, dict[str, Any]]:
+        """``x [B, T, E]`` at positions ``position .. position + T - 1`` -> ``(y [B, T, E], state)``:
+        one parallel call of the conv's and the mixer's ``prefill`` (:func:`prefill_module`),
+        equal to ``T`` :meth:`decode_step` calls."""
+        state = dict(state)
+        h = self.norm1(x)
+        if self.conv is not None:
+            c, state["conv"] = self.conv.prefill(h, state["conv"])
+            h = h + c
+        y, state["mixer"] = prefill_module(self.mixer, h, state["mixer"], position)
+        x = x + y.astype(x.dtype)
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x)).astype(x.dtype)
+        return x, state
 
 
 def build_blocks(
@@ -216,10 +283,8 @@ class DecoderLM(nnx.Module):
         return logits.astype(jnp.float32)
 
     def __call__(self, tokens: Array) -> Array:
-        """``tokens [B, T]`` int -> logits ``[B, T, vocab]`` float32 (causal)."""
-        tokens = jnp.asarray(tokens)
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens must be int [batch, length]; got {tokens.dtype} {tokens.shape}")
+        """``tokens [B, T]`` int ids in ``[0, vocab_size)`` -> logits ``[B, T, vocab]`` float32 (causal)."""
+        tokens = check_tokens("tokens", tokens, self.vocab_size)
         t = tokens.shape[1]
         x = self.embed(tokens)
         if self.pos == "learned":
@@ -230,26 +295,77 @@ class DecoderLM(nnx.Module):
             x = blk(x, causal=True)
         return self._logits(x)
 
+    def _positions(self, x: Array, position: Array | int, length: int, what: str) -> Array:
+        """``x [B, T, E]`` plus the learned embeddings of positions ``position .. position + T - 1``.
+
+        A concrete position past ``max_len`` is a ValueError; a traced one (under ``jit``) gives NaN
+        rows there (``mode="fill"``) instead of silently reusing the last embedding."""
+        if self.pos != "learned":
+            return x
+        p = concrete(position)
+        if p is not None and int(p) + length > self.max_len:
+            raise ValueError(
+                f"{what}: positions {int(p)}..{int(p) + length - 1} go past max_len {self.max_len} "
+                f"(learned positions); decode at most max_len tokens"
+            )
+        idx = jnp.asarray(position, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
+        pe = self.pos_embed[...].at[idx].get(mode="fill", fill_value=jnp.nan)
+        return x + pe.astype(x.dtype)[None]
+
     def init_state(self, batch: int, max_len: int | None = None) -> LMState:
         """Empty decoding state for ``batch`` sequences of up to ``max_len`` (default the model's)
-        tokens, at position 0."""
+        tokens, at position 0. With learned positions ``max_len`` may not exceed the model's."""
+        _check_int("batch", batch)
         max_len = self.max_len if max_len is None else max_len
         _check_int("max_len", max_len)
+        if self.pos == "learned" and max_len > self.max_len:
+            raise ValueError(
+                f"max_len ({max_len}) > the model's max_len ({self.max_len}): learned positions end there"
+            )
         layers = tuple(blk.init_state(batch, max_len) for blk in self.blocks)
         return LMState(layers, jnp.zeros((), jnp.int32))
 
     def decode_step(self, tokens_t: Array, state: LMState) -> tuple[Array, LMState]:
-        """Consumes one token per sequence ``tokens_t [B]`` at ``state.position``; returns the
-        next-token logits ``[B, vocab]`` (float32) and the advanced state."""
+        """Consumes one token per sequence ``tokens_t [B]`` (ids in ``[0, vocab_size)``) at
+        ``state.position``; returns the next-token logits ``[B, vocab]`` (float32) and the
+        advanced state."""
+        tokens_t = check_tokens("tokens_t", tokens_t, self.vocab_size, ndim=1)
         pos = state.position
-        x = self.embed(jnp.asarray(tokens_t))
-        if self.pos == "learned":
-            x = x + jax.lax.dynamic_index_in_dim(self.pos_embed[...], pos, keepdims=False).astype(x.dtype)
+        x = self._positions(self.embed(tokens_t)[:, None], pos, 1, "decode_step")[:, 0]
         layers = []
         for blk, s in zip(self.blocks, state.layers):
             x, s = blk.decode_step(x, s, pos)
             layers.append(s)
         return self._logits(x), LMState(tuple(layers), pos + 1)
+
+    def prefill(
+        self, tokens: Array, state: LMState | None = None, *, max_len: int | None = None, last_only: bool = False,
+    ) -> tuple[Array, LMState]:
+        """Consumes a prompt ``tokens [B, T]`` from ``state`` in one parallel call per layer
+        (:meth:`Block.prefill`); equal to ``T`` :meth:`decode_step` calls.
+
+        ``state=None`` starts a fresh state (:meth:`init_state` with ``max_len``) at position 0,
+        a position known while tracing (mixers that process segments, such as Titans MAC, then
+        run whole segments in parallel). Returns the logits ``[B, T, vocab]`` (``last_only``:
+        only the last token's, ``[B, vocab]``; the vocabulary projection of the other tokens is
+        skipped) and the state advanced by ``T``.
+        """
+        tokens = check_tokens("tokens", tokens, self.vocab_size)
+        b, t = tokens.shape
+        if state is None:
+            state, position = self.init_state(b, max_len), 0
+        else:
+            if max_len is not None:
+                raise ValueError("max_len is for a fresh state (state=None); the given state has its own capacity")
+            p = concrete(state.position)
+            position = state.position if p is None else int(p)
+        x = self._positions(self.embed(tokens), position, t, "prefill")
+        layers = []
+        for blk, s in zip(self.blocks, state.layers):
+            x, s = blk.prefill(x, s, position)
+            layers.append(s)
+        logits = self._logits(x[:, -1] if last_only else x)
+        return logits, LMState(tuple(layers), state.position + t)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -269,25 +385,19 @@ def _sample(logits: Array, key: Array, temperature: float, top_k: int | None) ->
 def _make_generate(graphdef: Any, num_steps: int, temperature: float, top_k: int | None, capacity: int):
     def run(state: Any, prompt: Array, key: Array) -> Array:
         model = nnx.merge(graphdef, state)
-        b = prompt.shape[0]
-
-        def prefill(carry, tok):
-            st, _ = carry
-            logits, st = model.decode_step(tok, st)
-            return (st, logits), None
-
-        st = model.init_state(b, capacity)
-        logits0 = jnp.zeros((b, model.vocab_size), jnp.float32)
-        (st, logits), _ = jax.lax.scan(prefill, (st, logits0), prompt.T)
+        logits, st = model.prefill(prompt, max_len=capacity, last_only=True)
+        keys = jax.random.split(key, num_steps)
+        first = _sample(logits, keys[0], temperature, top_k)
 
         def decode(carry, k):
-            st, logits = carry
-            tok = _sample(logits, k, temperature, top_k)
+            st, tok = carry
             logits, st = model.decode_step(tok, st)
-            return (st, logits), tok
+            nxt = _sample(logits, k, temperature, top_k)
+            return (st, nxt), nxt
 
-        _, new = jax.lax.scan(decode, (st, logits), jax.random.split(key, num_steps))
-        return jnp.concatenate([prompt, new.T.astype(prompt.dtype)], axis=1)
+        _, rest = jax.lax.scan(decode, (st, first), keys[1:])
+        new = jnp.concatenate([first[:, None], rest.T], axis=1)
+        return jnp.concatenate([prompt, new.astype(prompt.dtype)], axis=1)
 
     return jax.jit(run)
 
@@ -301,16 +411,16 @@ def generate(
 ) -> Array:
     """Autoregressive generation: ``prompt [B, T0]`` int -> ``[B, T0 + num_steps]``.
 
-    The prompt is consumed token by token with :meth:`DecoderLM.decode_step` (a ``lax.scan``, so
-    it works for every mixer with a decoding form), then ``num_steps`` tokens are sampled, each
-    fed back. ``temperature=0`` is greedy (deterministic); otherwise logits are divided by
+    The prompt is consumed by :meth:`DecoderLM.prefill` (one parallel call per layer), then
+    ``num_steps`` tokens are sampled, each fed back through :meth:`DecoderLM.decode_step` (a
+    ``lax.scan``). ``temperature=0`` is greedy (deterministic); otherwise logits are divided by
     ``temperature``, restricted to the ``top_k`` largest when given, and sampled with ``key``
-    (required). The decoding state holds ``max_len`` tokens (default ``T0 + num_steps``). The
-    whole loop is one ``jax.jit`` function, cached per model structure and settings.
+    (required). The decoding state holds ``max_len`` tokens (default ``T0 + num_steps``; a
+    smaller one is a ValueError rather than a silently wrapping or clamped cache). With learned
+    positions ``T0 + num_steps`` may not exceed the model's ``max_len``. The whole loop is one
+    ``jax.jit`` function, cached per model structure and settings.
     """
-    prompt = jnp.asarray(prompt)
-    if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
-        raise ValueError(f"prompt must be int [batch, length >= 1]; got {prompt.dtype} {prompt.shape}")
+    prompt = check_tokens("prompt", prompt, model.vocab_size)
     _check_int("num_steps", num_steps, 0)
     if not (isinstance(temperature, (int, float)) and temperature >= 0):
         raise ValueError(f"temperature must be >= 0; got {temperature!r}")
@@ -323,8 +433,15 @@ def generate(
     total = prompt.shape[1] + num_steps
     capacity = total if max_len is None else max_len
     _check_int("max_len", capacity)
+    if capacity < total:
+        raise ValueError(
+            f"max_len ({capacity}) < prompt length + num_steps ({prompt.shape[1]} + {num_steps} = {total}): "
+            f"the decoding state must hold the whole sequence"
+        )
     if model.pos == "learned" and total > model.max_len:
         raise ValueError(f"prompt + num_steps = {total} > model max_len {model.max_len} (learned positions)")
+    if model.pos == "learned":
+        capacity = min(capacity, model.max_len)
     if num_steps == 0:
         return prompt
     key = jax.random.key(0) if key is None else key
@@ -337,4 +454,5 @@ def generate(
     return fn(state, prompt.astype(jnp.int32), key)
 
 
-__all__ = ["Block", "DecoderLM", "LMState", "build_blocks", "generate", "mixer_specs", "param_count"]
+__all__ = ["Block", "DecoderLM", "LMState", "build_blocks", "check_tokens", "decode_steps", "generate",
+           "mixer_specs", "param_count", "prefill_module"]

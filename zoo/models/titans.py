@@ -40,16 +40,25 @@ In MAG and MAL the memory reads the persistent tokens first (they are its first 
 keys by absolute position (``h_t``'s keys by their token's position); persistent keys are not
 rotated.
 
-Decoding (:meth:`init_state` / :meth:`decode_step` of each mixer; :func:`zoo.models.generate`)
-equals the forward for all three: MAG/MAL keep a ring buffer of the last ``window`` keys/values
-plus the persistent ones and the memory layer's state; MAC keeps a segment buffer (keys/values
-of the segment's tokens and of its ``h`` tokens), the memory's effective weights at the segment
-start (for the retrieval) and the memory state being written, whose chunks restart at each
-segment start as in the forward.
+Decoding (:meth:`init_state` / :meth:`prefill` / :meth:`decode_step` of each mixer;
+:func:`zoo.models.generate`) equals the forward for all three: MAG/MAL keep a ring buffer of the
+last ``window`` keys/values plus the persistent ones and the memory layer's state; MAC keeps a
+segment buffer (keys/values of the segment's tokens and of its ``h`` tokens), the memory's
+effective weights at the segment start (for the retrieval) and the memory state being written,
+whose chunks restart at each segment start as in the forward.
+
+``prefill(x, state, position)`` equals ``T`` decode steps. MAG/MAL: one parallel call (the new
+tokens attend to the ring buffer and to each other inside the window; the memory layer's own
+``prefill``). MAC works in segments: from a position known while tracing (a Python int, or
+``DecoderLM.prefill`` from a fresh state) the tokens up to the next segment start run token by
+token, every whole segment in parallel (as the forward), and a ragged last segment in parallel
+with the memory layer's ``prefill`` for its write; a traced or per-sequence position runs all
+tokens token by token (``lax.scan`` of :meth:`MemoryAsContext.decode_step`).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -57,8 +66,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import zoo.attention as za
-from zoo.attention.common import causal_mask, shape_str
-from zoo.models.lm import DecoderLM
+from zoo.attention.common import causal_mask, concrete, shape_str
+from zoo.models.lm import DecoderLM, decode_steps, prefill_module
 from zoo.nn.attention import register_mixer
 from zoo.nn.layers import RMSNorm, apply_rope, cast, normal_init, param
 from zoo.nn.memory import TitansMemory
@@ -224,6 +233,30 @@ class _SlidingWindowMixer(_TitansMixer):
                              mask)
         return y[:, 0], st
 
+    def _window_prefill(self, x: Array, st: dict[str, Any], pos: Array) -> tuple[Array, dict[str, Any]]:
+        """``x [B, T, E]`` at positions ``pos[b] + t`` in one call: equal to ``T`` :meth:`_window_step`.
+
+        Query ``i`` sees the prefix, the ring-buffer entries still inside its window
+        (``pos_j > P_i - window``; an entry a new token overwrites in the step-by-step form lies
+        ``W = window`` or more positions back, so it is outside that window already) and the new
+        tokens ``j <= i`` with ``i - j < window``. The last ``min(T, W)`` new keys/values are then
+        written to their slots ``P % W`` (distinct: consecutive positions)."""
+        b, t, _ = x.shape
+        w = st["k"].shape[1]
+        positions = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+        q, k, v = self.attn.project(x, positions)
+        seen = (st["pos"][:, None, :] >= 0) & (st["pos"][:, None, :] > positions[:, :, None] - self.window)
+        mask = jnp.concatenate([jnp.ones((b, t, st["pk"].shape[1]), bool), seen,
+                                jnp.broadcast_to(causal_mask(t, t, self.window), (b, t, t))], axis=2)
+        cat = lambda *xs: jnp.concatenate([a.astype(st["pk"].dtype) for a in xs], axis=1)
+        y = self.attn.attend(q, cat(st["pk"], st["k"], k), cat(st["pv"], st["v"], v), mask[:, None])
+        m = min(t, w)
+        rows, slots = jnp.arange(b)[:, None], positions[:, t - m:] % w
+        st = {**st, "k": st["k"].at[rows, slots].set(k[:, t - m:].astype(st["k"].dtype)),
+              "v": st["v"].at[rows, slots].set(v[:, t - m:].astype(st["v"].dtype)),
+              "pos": st["pos"].at[rows, slots].set(positions[:, t - m:])}
+        return y, st
+
 
 class MemoryAsGate(_SlidingWindowMixer):
     """Titans MAG mixer ``[B, T, E] -> [B, T, E]``: ``o = rmsnorm(SW-Attn*(P || x)) *
@@ -270,7 +303,15 @@ class MemoryAsGate(_SlidingWindowMixer):
         self._check_xt(x_t)
         pos = _positions(position, x_t.shape[0])
         y, attn = self._window_step(x_t, state["attn"], pos)
-        m, mem = self.memory.decode_step(x_t, state["memory"], pos)
+        m, mem = self.memory.decode_step(x_t, state["memory"], position)  # the count keeps position's shape
+        return self.gate(y, m), {"attn": attn, "memory": mem}
+
+    def prefill(self, x: Array, state: dict[str, Any], position: Array | int = 0) -> tuple[Array, dict[str, Any]]:
+        """``x [B, T, E]`` at positions ``position ..`` -> ``(o [B, T, E], state)`` in one parallel
+        call; equals ``T`` :meth:`decode_step` calls."""
+        self._check_x(x, True)
+        y, attn = self._window_prefill(x, state["attn"], _positions(position, x.shape[0]))
+        m, mem = prefill_module(self.memory, x, state["memory"], position)
         return self.gate(y, m), {"attn": attn, "memory": mem}
 
 
@@ -306,8 +347,16 @@ class MemoryAsLayer(_SlidingWindowMixer):
         """One token ``x_t [B, E]`` at ``position`` -> ``(o_t [B, E], state)``; equals the forward."""
         self._check_xt(x_t)
         pos = _positions(position, x_t.shape[0])
-        y, mem = self.memory.decode_step(x_t, state["memory"], pos)
+        y, mem = self.memory.decode_step(x_t, state["memory"], position)  # the count keeps position's shape
         o, attn = self._window_step(y, state["attn"], pos)
+        return o, {"attn": attn, "memory": mem}
+
+    def prefill(self, x: Array, state: dict[str, Any], position: Array | int = 0) -> tuple[Array, dict[str, Any]]:
+        """``x [B, T, E]`` at positions ``position ..`` -> ``(o [B, T, E], state)`` in one parallel
+        call; equals ``T`` :meth:`decode_step` calls."""
+        self._check_x(x, True)
+        y, mem = prefill_module(self.memory, x, state["memory"], position)
+        o, attn = self._window_prefill(y, state["attn"], _positions(position, x.shape[0]))
         return o, {"attn": attn, "memory": mem}
 
 
@@ -349,11 +398,10 @@ class MemoryAsContext(_TitansMixer):
         _, st = self.memory.initial(batch)
         return st, st.conv
 
-    def segment(self, x: Array, positions: Array, carry: tuple[Any, dict[str, Array]]
-                ) -> tuple[Array, tuple[Any, dict[str, Array]], dict[str, Array]]:
-        """One segment ``x [B, S, E]`` at absolute ``positions [S]``: returns
-        ``(o [B, S, E], carry after the segment, {"h": h, "y": y})``."""
-        mem, conv_x = carry
+    def _retrieve_attend(self, x: Array, positions: Array, mem: Any, conv_x: dict[str, Array]
+                         ) -> tuple[Array, dict[str, Array], dict[str, Array]]:
+        """Steps 1-2 of a segment (or of its first ``S' <= S`` tokens) ``x [B, S', E]`` at
+        ``positions [S']``: ``(y [B, S', E], conv_x, {"h", "k", "v", "kh", "vh"})``."""
         b, s, _ = x.shape
         # 1. retrieve: h = M*_{t-1}(x W_Q), the memory after the previous segments (no update)
         h, conv_x = self.memory.retrieve(x, self.memory.read_weights(mem.memory), conv_x)
@@ -365,9 +413,17 @@ class MemoryAsContext(_TitansMixer):
         mask = jnp.concatenate([jnp.ones((s, pk.shape[1]), bool), tri, tri], axis=1)
         cat = lambda *xs: jnp.concatenate([a.astype(pk.dtype) for a in xs], axis=1)
         y = self.attn.attend(q, cat(pk, kh, k), cat(pv, vh, v), mask[None, None])
+        return y, conv_x, {"h": h, "k": k, "v": v, "kh": kh, "vh": vh}
+
+    def segment(self, x: Array, positions: Array, carry: tuple[Any, dict[str, Array]]
+                ) -> tuple[Array, tuple[Any, dict[str, Array]], dict[str, Array]]:
+        """One segment ``x [B, S, E]`` at absolute ``positions [S]``: returns
+        ``(o [B, S, E], carry after the segment, {"h": h, "y": y})``."""
+        mem, conv_x = carry
+        y, conv_x, aux = self._retrieve_attend(x, positions, mem, conv_x)
         # 3. write the memory with y, reading it back per token; gate y with the read
         r, mem = self.memory.stream(y, mem)
-        return self.gate(y, r), (mem, conv_x), {"h": h, "y": y}
+        return self.gate(y, r), (mem, conv_x), {"h": aux["h"], "y": y}
 
     def __call__(self, x: Array, *, causal: bool = True) -> Array:
         self._check_x(x, causal)
@@ -416,22 +472,69 @@ class MemoryAsContext(_TitansMixer):
         mask = jnp.concatenate([jnp.ones(st["pk"].shape[:2], bool), vis, vis], axis=1)[:, None, None, :]
         y = self.attn.attend(q, jnp.concatenate([st["pk"], st["kh"], st["k"]], 1),
                              jnp.concatenate([st["pv"], st["vh"], st["v"]], 1), mask)[:, 0]
-        r, st["memory"] = self.memory.stream_step(y, st["memory"], off)
+        # the memory's chunk position, shaped as ``position`` (so its count keeps the state's shape)
+        r, st["memory"] = self.memory.stream_step(y, st["memory"], jnp.asarray(position, jnp.int32) % self.segment_len)
         st["segment_weights"] = seg_w
         return self.gate(y, r), st
+
+    def prefill(self, x: Array, state: dict[str, Any], position: Array | int = 0) -> tuple[Array, dict[str, Any]]:
+        """``x [B, T, E]`` at positions ``position ..`` -> ``(o [B, T, E], state)``; equals ``T``
+        :meth:`decode_step` calls (module docstring: segments in parallel from a position known
+        while tracing, the tokens before the first segment start one by one; a traced or
+        per-sequence ``position`` runs every token one by one)."""
+        self._check_x(x, True)
+        p = concrete(position)
+        if p is None or p.ndim != 0:
+            return decode_steps(self, x, state, position)
+        b, t, e = x.shape
+        s, p = self.segment_len, int(p)
+        outs = []
+        head = min(t, -p % s)
+        if head:  # the rest of a segment already begun
+            o, state = decode_steps(self, x[:, :head], state, p)
+            outs.append(o)
+        start, n = p + head, (t - head) // s
+        if n:  # whole segments, as the forward
+            xs = x[:, head:head + n * s].reshape(b, n, s, e).swapaxes(0, 1)
+            pos = (start + jnp.arange(n * s, dtype=jnp.int32)).reshape(n, s)
+
+            def body(carry, inp):
+                o, carry, _ = self.segment(inp[0], inp[1], carry)
+                return carry, o
+
+            (mem, conv_x), o = jax.lax.scan(body, (state["memory"], state["conv_x"]), (xs, pos))
+            # the segment buffers and weights are reset by the next token (a segment start)
+            state = {**state, "memory": mem, "conv_x": conv_x}
+            outs.append(o.swapaxes(0, 1).reshape(b, n * s, -1))
+        r = t - head - n * s
+        if r:  # a ragged last segment: its first r tokens, the buffers filled as decode_step does
+            st = dict(state)
+            st["segment_weights"] = self.memory.read_weights(st["memory"].memory)
+            pos = start + n * s + jnp.arange(r, dtype=jnp.int32)
+            y, st["conv_x"], aux = self._retrieve_attend(x[:, t - r:], pos, st["memory"], st["conv_x"])
+            for name in ("k", "v", "kh", "vh"):
+                st[name] = st[name].at[:, :r].set(aux[name].astype(st[name].dtype))
+            rd, st["memory"] = prefill_module(self.memory, y, st["memory"], 0)  # chunks restart at the segment
+            outs.append(self.gate(y, rd))
+            state = st
+        return jnp.concatenate(outs, axis=1), state
 
 
 # ----------------------------------------------------------------------------- mixers and the LM
 
 
 def _factory(cls):
-    def factory(
-        d_model: int, rngs: nnx.Rngs, *, num_heads: int, head_dim: int | None = None, rope: bool = True,
-        dtype: Any = None, param_dtype: Any = jnp.float32, **kw: Any,
-    ):
-        return cls(d_model, num_heads, head_dim=head_dim, rope=rope, dtype=dtype, param_dtype=param_dtype,
-                   rngs=rngs, **kw)
+    def factory(d_model: int, rngs: nnx.Rngs, *, num_heads: int, **kw: Any):
+        return cls(d_model, num_heads, rngs=rngs, **kw)
 
+    # The signature names every constructor argument, so a mixer spec's typo is caught by
+    # zoo.nn.check_mixer_spec (config validation) rather than at build time.
+    P = inspect.Parameter
+    ctor = [p for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n not in ("self", "d_model", "num_heads", "rngs")]
+    factory.__signature__ = inspect.Signature(
+        [P("d_model", P.POSITIONAL_OR_KEYWORD), P("rngs", P.POSITIONAL_OR_KEYWORD),
+         P("num_heads", P.KEYWORD_ONLY)] + [p.replace(kind=P.KEYWORD_ONLY) for p in ctor])
     factory.__name__ = f"{cls.__name__}_mixer"
     factory.__doc__ = f"``zoo.nn.register_mixer`` factory of :class:`{cls.__name__}`."
     return factory
