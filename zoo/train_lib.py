@@ -11,6 +11,7 @@ Task kinds (``zoo.data.TaskSpec.kind``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -207,7 +208,19 @@ class Trainer:
         return self._loss(state["params"], state["rest"], batch)[1]
 
     def jitted(self) -> tuple[Callable, Callable]:
-        return jax.jit(self.train_step, donate_argnums=0), jax.jit(self.eval_step)
+        """The jitted train and eval steps, each called under the run's mesh and logical-axis
+        rules (``jax.set_mesh``): kernels inside the model (``zoo.attention.dispatch``) read the
+        active mesh to wrap themselves in ``shard_map``, and a mesh cannot be entered inside jit."""
+        train, evaluate = jax.jit(self.train_step, donate_argnums=0), jax.jit(self.eval_step)
+
+        def in_mesh(fn: Callable) -> Callable:
+            @functools.wraps(fn)
+            def call(*args: Any) -> Any:
+                with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+                    return fn(*args)
+            return call
+
+        return in_mesh(train), in_mesh(evaluate)
 
     def model(self, state: dict) -> nnx.Module:
         return nnx.merge(self.graphdef, state["params"], state["rest"])

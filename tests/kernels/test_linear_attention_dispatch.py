@@ -112,7 +112,7 @@ MIXER = {"transform": "linear", "feature_map": "identity", "normalize": False,
 def _train(mesh_shape: tuple[int, int, int], steps: int = 2):
     """Builds a one-layer DecoderLM with the kernel mixer and runs ``steps`` SGD steps of the
     Trainer on a (data, fsdp, tensor) mesh; returns the losses, the final params and the train
-    step's jaxpr. The steps run under jax.set_mesh (what the kernel dispatch reads)."""
+    step's jaxpr. ``Trainer.jitted`` runs the steps under jax.set_mesh (what the dispatch reads)."""
     from zoo.models import DecoderLM
 
     mesh = sharding.make_mesh(*mesh_shape)
@@ -123,16 +123,15 @@ def _train(mesh_shape: tuple[int, int, int], steps: int = 2):
     state = trainer.init_state(model)
     train_step, _ = trainer.jitted()
     rng = np.random.default_rng(0)
-    losses = []
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        jaxpr = None
-        for _ in range(steps):
-            tokens = rng.integers(0, VOCAB, (BATCH, T + 1)).astype(np.int32)
-            batch = sharding.shard_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh, rules)
-            if jaxpr is None:
+    losses, jaxpr = [], None
+    for _ in range(steps):  # the Trainer's jitted steps enter the mesh themselves
+        tokens = rng.integers(0, VOCAB, (BATCH, T + 1)).astype(np.int32)
+        batch = sharding.shard_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh, rules)
+        if jaxpr is None:
+            with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
                 jaxpr = jax.jit(trainer.train_step).trace(state, batch).jaxpr
-            state, m = train_step(state, batch)
-            losses.append(float(m["loss_sum"]) / float(m["count"]))
+        state, m = train_step(state, batch)
+        losses.append(float(m["loss_sum"]) / float(m["count"]))
     return losses, [np.asarray(x) for x in jax.tree.leaves(state["params"])], jaxpr
 
 
@@ -140,8 +139,23 @@ def test_trainer_on_mesh_equals_one_device():
     """(b) Trainer steps with the Pallas kernel mixer on a (2, 2, 2) mesh give the losses and
     parameters of one device, and the train step holds the kernel in a shard_map (forward and
     the backward kernels)."""
-    l1, p1, j1 = _train((1, 1, 1))
-    l8, p8, j8 = _train((2, 2, 2))
+    seen = []
+    real = dispatch.active_mesh
+
+    def spy():
+        mesh = real()
+        seen.append(None if mesh is None else dict(mesh.shape))
+        return mesh
+
+    dispatch.active_mesh = spy
+    try:
+        l1, p1, j1 = _train((1, 1, 1))
+        seen.clear()
+        l8, p8, j8 = _train((2, 2, 2), steps=2)
+    finally:
+        dispatch.active_mesh = real
+    # Traced by Trainer.jitted's own step (not only by the explicit trace above): the mesh is seen.
+    assert seen and all(m == {"data": 2, "fsdp": 2, "tensor": 2} for m in seen), seen
     assert not _shard_map_eqns(j1)  # one device: the kernel is called directly
     eqns = _shard_map_eqns(j8)
     assert eqns and all("pallas_call" in str(e.params["jaxpr"]) for e in eqns)
