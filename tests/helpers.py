@@ -51,3 +51,24 @@ def tree_assert_close(actual, expected, *, atol: float, rtol: float = 0.0, what:
 
 def rand(key: int, *shape, dtype=np.float32, scale: float = 1.0):
     return (np.random.default_rng(key).standard_normal(shape) * scale).astype(dtype)
+
+
+def assert_registered_decodes_as_it_trains(tr, q, k, v, *, prompt: int, what: str = "", **opts) -> None:
+    """For a registry entry ``tr``: the causal parallel form equals its reference and
+    ``init_state`` + ``prefill(q[:, :prompt])`` + ``step`` for the rest (float32, 1e-5 abs + rel)."""
+    import jax.numpy as jnp
+
+    tol = dict(atol=1e-5, rtol=1e-5)
+    y = jax.jit(lambda q, k, v: tr(q, k, v, causal=True, **opts))(q, k, v)
+    assert float(jnp.abs(y).max()) > 0
+    ref = jax.jit(lambda q, k, v: tr.reference(q, k, v, causal=True, **opts))(q, k, v)
+    assert_close(ref, y, **tol, what=f"{what} reference {opts}")
+    b, t, h, d = q.shape
+    st = tr.init_state(b, h, d, v.shape[-1], kv_heads=k.shape[2], max_len=t, **opts)
+    y1, st = jax.jit(lambda s, q, k, v: tr.prefill(s, q, k, v, **opts))(st, q[:, :prompt], k[:, :prompt], v[:, :prompt])
+    step = jax.jit(lambda s, q, k, v: tr.step(s, q, k, v, **opts))
+    ys = [y1]
+    for i in range(prompt, t):
+        y_t, st = step(st, q[:, i], k[:, i], v[:, i])
+        ys.append(y_t[:, None])
+    assert_close(jnp.concatenate(ys, axis=1), y, **tol, what=f"{what} prefill + step {opts}")

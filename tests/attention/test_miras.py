@@ -19,7 +19,7 @@ import pytest
 
 import zoo.attention as za
 from tests.attention.test_titans import inputs, np_deltanet, np_titans, weights
-from tests.helpers import assert_close, rand, tree_assert_close
+from tests.helpers import assert_close, assert_registered_decodes_as_it_trains, rand, tree_assert_close
 
 M = importlib.import_module("zoo.attention.miras")  # the package exports a function `miras`
 T = importlib.import_module("zoo.attention.titans")
@@ -267,19 +267,7 @@ def test_registered_transform_decodes_as_it_trains(name):
     tr = za.get(name)
     assert tr.causal_only and tr.init_state_fn is T.init_state
     q, k, v, _ = inputs(seed=32)
-    opts = dict(theta=0.05)  # matrix memory from zeros, registered defaults otherwise
-    y = jax.jit(lambda q, k, v: tr(q, k, v, causal=True, **opts))(q, k, v)
-    assert y.shape == v.shape and float(jnp.abs(y).max()) > 0
-    assert_close(jax.jit(lambda q, k, v: tr.reference(q, k, v, causal=True, **opts))(q, k, v), y, **DTOL,
-                 what=f"{name} reference")
-    st = tr.init_state(B, H, D, **opts)
-    y1, st = jax.jit(functools.partial(tr.prefill, **opts))(st, q[:, :5], k[:, :5], v[:, :5])
-    step = jax.jit(functools.partial(tr.step, **opts))
-    ys = [y1]
-    for t in range(5, L):
-        y_t, st = step(st, q[:, t], k[:, t], v[:, t])
-        ys.append(y_t[:, None])
-    assert_close(jnp.concatenate(ys, axis=1), y, **DTOL, what=f"{name} prefill + step")
+    assert_registered_decodes_as_it_trains(tr, q, k, v, prompt=5, what=name, theta=0.05)  # matrix memory from 0
 
 
 def test_registry_presets_and_bf16_long():

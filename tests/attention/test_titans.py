@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import zoo.attention as za
-from tests.helpers import assert_close, rand, tree_assert_close
+from tests.helpers import assert_close, assert_registered_decodes_as_it_trains, rand, tree_assert_close
 
 T = importlib.import_module("zoo.attention.titans")  # the package exports a function `titans`
 
@@ -267,16 +267,7 @@ def test_registered_transform_decodes_as_it_trains():
     tr = za.get("titans")
     q, k, v, g = inputs(seed=15)
     for opts in ({}, {"chunk_size": 3}):
-        y = tr(q, k, v, causal=True, **opts)
-        assert_close(tr.reference(q, k, v, causal=True, **opts), y, **DTOL, what=f"reference {opts}")
-        st = tr.init_state(B, H, D, **opts)
-        y1, st = jax.jit(functools.partial(tr.prefill, **opts))(st, q[:, :5], k[:, :5], v[:, :5])
-        step = jax.jit(functools.partial(tr.step, **opts))
-        ys = [y1]
-        for t in range(5, L):
-            y_t, st = step(st, q[:, t], k[:, t], v[:, t])
-            ys.append(y_t[:, None])
-        assert_close(jnp.concatenate(ys, axis=1), y, **DTOL, what=f"prefill + step {opts}")
+        assert_registered_decodes_as_it_trains(tr, q, k, v, prompt=5, what="titans", **opts)
 
 
 def test_chaining_at_a_chunk_boundary():
