@@ -260,6 +260,16 @@ def store_tiles(ref: Any, rows: Any, xs: list[Array], plan: Plan) -> None:
 # Kernel-level layout: q, k [B, H, Tp, Fp]; v, o [B, H, Tp, Ep]; states [B, H, Fp, Ep] float32.
 
 
+def dkv_out_shape(plan: Plan, b: int, h: int, dtype: Any) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Outputs of the reverse-sweep backward kernel (both backends): ``dk [B, H, T, F]`` and
+    ``dv [B, H, T, E]`` in the compute dtype, ``d initial_state [B, H, F, E]`` in float32."""
+    return (
+        jax.ShapeDtypeStruct((b, h, plan.tp, plan.fp), dtype),
+        jax.ShapeDtypeStruct((b, h, plan.tp, plan.ep), dtype),
+        jax.ShapeDtypeStruct((b, h, plan.fp, plan.ep), F32),
+    )
+
+
 def spec(plan: Plan, rows: int, cols: int, row_block: Any, col_block: Any = 0) -> pl.BlockSpec:
     """Block ``[rows, cols]`` of a ``[B, H, R, C]`` array; ``row_block``/``col_block`` map the grid
     indices after ``(b, h)`` to block indices."""

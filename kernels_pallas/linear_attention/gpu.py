@@ -139,11 +139,7 @@ def backward(q, k, v, rate, s0, do, dst, plan: Plan):
     )(rate, k, v, do, dq_i, s0)
     dk, dv, ds0 = pl.pallas_call(
         functools.partial(_dkv_kernel, plan=plan),
-        out_shape=(
-            jax.ShapeDtypeStruct((b, h, tp, fp), cdt),
-            jax.ShapeDtypeStruct((b, h, tp, ep), cdt),
-            jax.ShapeDtypeStruct((b, h, fp, ep), F32),
-        ),
+        out_shape=cm.dkv_out_shape(plan, b, h, cdt),
         grid=(b, h),
         in_specs=[
             rate_spec(), spec(tp, fp, 0), spec(tp, fp, 0), spec(tp, ep, 0), spec(tp, ep, 0),

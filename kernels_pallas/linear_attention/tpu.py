@@ -149,11 +149,7 @@ def backward(q, k, v, rate, s0, do, dst, plan: Plan):
     rev = lambda i: nb - 1 - i
     dk, dv, ds0 = pl.pallas_call(
         functools.partial(_dkv_kernel, plan=plan),
-        out_shape=(
-            jax.ShapeDtypeStruct((b, h, tp, fp), cdt),
-            jax.ShapeDtypeStruct((b, h, tp, ep), cdt),
-            jax.ShapeDtypeStruct((b, h, fp, ep), F32),
-        ),
+        out_shape=cm.dkv_out_shape(plan, b, h, cdt),
         grid=(b, h, nb),
         in_specs=[
             rate_spec(), spec(bt, fp, rev), spec(bt, fp, rev), spec(bt, ep, rev), spec(bt, ep, rev),
