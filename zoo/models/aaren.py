@@ -161,16 +161,10 @@ class AarenStack(nnx.Module):
     def decode_step(self, x_t: Array, state: list[Any], position: Any = None) -> tuple[Array, list[Any]]:
         """Online step: ``x_t [B, in_dim]`` (or token ids ``[B]``) -> the step's output
         (regression ``[B, out_dim]``; classification: the logits of the ``"last"`` pooling after
-        this step, ``[B, num_classes]``) and the new state. Equals ``__call__`` at that position."""
-        if self.task == "classification" and self.pooling != "last":
-            raise ValueError("online classification needs pooling='last'")
-        h = self._embed(x_t, per_token=True)
-        new = []
-        for blk, s in zip(self.blocks, state):
-            h, s = blk.decode_step(h, s)
-            new.append(s)
-        y = self.head(self.norm(h))
-        return (y if self.task == "regression" else y.astype(jnp.float32)), new
+        this step, ``[B, num_classes]``) and the new state: :meth:`prefill` of one step. Equals
+        ``__call__`` at that position."""
+        y, state = self.prefill(x_t[:, None], state)
+        return y[:, 0], state
 
     def prefill(self, x: Array, state: list[Any]) -> tuple[Array, list[Any]]:
         """Online steps for a stretch ``x [B, T, in_dim]`` (or token ids ``[B, T]``) in one parallel
