@@ -63,7 +63,7 @@ _DECODE_ARGS = frozenset({"batch", "heads", "head_dim", "value_dim", "kv_heads",
 
 
 @functools.cache
-def _signature(fn: Callable) -> tuple[frozenset[str], bool]:
+def keyword_params(fn: Callable) -> tuple[frozenset[str], bool]:
     """Named keyword parameters of ``fn`` and whether it takes ``**kwargs`` (the one place the
     zoo reads signatures)."""
     try:
@@ -75,7 +75,7 @@ def _signature(fn: Callable) -> tuple[frozenset[str], bool]:
 
 
 def _accepted(fn: Callable, options: Mapping[str, Any]) -> dict[str, Any]:
-    names, var = _signature(fn)
+    names, var = keyword_params(fn)
     return dict(options) if var else {k: v for k, v in options.items() if k in names}
 
 
@@ -123,12 +123,12 @@ class Transform:
     @property
     def option_names(self) -> frozenset[str]:
         """Options the parallel form takes (``causal`` and the arrays excluded)."""
-        names, _ = _signature(self.fn)
+        names, _ = keyword_params(self.fn)
         return names - {"q", "k", "v", "causal"}
 
     def check_options(self, options: Mapping[str, Any], *, what: str = "options") -> None:
         """Raises a ValueError naming every option the parallel form does not take."""
-        names, var = _signature(self.fn)
+        names, var = keyword_params(self.fn)
         if var:
             return
         bad = sorted(set(options) - self.option_names - self.decode_only)

@@ -60,6 +60,7 @@ from flax import nnx
 import zoo.attention as za
 from zoo.attention import feature_maps as fmaps
 from zoo.attention.common import as_int, check_float, concrete, shape_str
+from zoo.attention.registry import keyword_params
 from zoo.nn.diagnostics import attention_entropy, attention_weights, capturing, sink_scores
 from zoo.nn.layers import RMSNorm, apply_rope, axes, cast, normal_init, param
 
@@ -532,16 +533,6 @@ class MixerEntry:
 _MIXERS: dict[str, MixerEntry] = {}
 
 
-def _keywords(factory: Callable) -> tuple[frozenset[str], bool]:
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return frozenset(), True
-    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return (frozenset(p.name for p in params if p.kind in kinds),
-            any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params))
-
-
 def register_mixer(
     name: str, factory: Callable[..., nnx.Module], *, description: str = "", overwrite: bool = False,
 ) -> Callable:
@@ -566,7 +557,7 @@ def register_mixer(
         raise ValueError(f"mixer {name!r} is already registered")
     if not callable(factory):
         raise ValueError(f"factory must be callable; got {factory!r}")
-    keywords, any_kw = _keywords(factory)
+    keywords, any_kw = keyword_params(factory)
     if "rngs" not in keywords and not any_kw:
         raise ValueError(f"factory for mixer {name!r} must take rngs as a keyword: factory(d_model, *, rngs, **kw)")
     if not description:
