@@ -403,3 +403,56 @@ def test_bad_inputs():
                       (dict(alpha=np.nan), "alpha"), (dict(chunk_size=0), "chunk_size")):
         with pytest.raises(ValueError, match=match):
             T.step(st, q[:, 0], k[:, 0], v[:, 0], **kw)
+
+
+def _delta_rule_loop(q, k, p, v, w0, theta):
+    """The general delta rule written out (numpy, token by token): predict at p, write along k,
+    ``W <- W - 2 theta k^T (p W - v)``, read ``y = q W`` after the write."""
+    q, k, p, v, w, theta = (np.asarray(x, np.float64) for x in (q, k, p, v, w0, theta))
+    b, t, h, _ = q.shape
+    w = np.broadcast_to(w, (b,) + w.shape).copy()  # [B, H, dk, dv]
+    y = np.zeros((b, t, h, v.shape[-1]))
+    for i in range(t):
+        err = np.einsum("bhd,bhde->bhe", p[:, i], w) - v[:, i]
+        w = w - 2 * theta[:, i, :, None, None] * np.einsum("bhd,bhe->bhde", k[:, i], err)
+        y[:, i] = np.einsum("bhd,bhde->bhe", q[:, i], w)
+    return y
+
+
+@pytest.mark.parametrize("fn", ["titans", "titans_naive"])
+def test_prediction_key_is_the_general_delta_rule(fn):
+    """Titans with ``prediction_key`` and a matrix memory, no momentum, no decay, chunk 1 is the
+    delta rule whose erase key p differs from its write key k (checked against the loop above)."""
+    ks = jax.random.split(jax.random.PRNGKey(7), 6)
+    b, t, h, dk, dv = 2, 7, 2, 3, 4
+    q, k, p = (jax.random.normal(x, (b, t, h, dk)) for x in ks[:3])
+    v = jax.random.normal(ks[3], (b, t, h, dv))
+    w0 = 0.3 * jax.random.normal(ks[4], (h, dk, dv))
+    theta = jax.random.uniform(ks[5], (b, t, h), maxval=0.1)
+    y = getattr(za, fn)(q, k, v, theta=theta, eta=0.0, alpha=0.0, weights=(w0,), chunk_size=1,
+                        prediction_key=p, causal=True)
+    np.testing.assert_allclose(y, _delta_rule_loop(q, k, p, v, w0, theta), rtol=1e-5, atol=1e-5)
+
+
+def test_prediction_key_chunked_equals_naive_and_decodes():
+    """Chunked (C=3, MLP memory, momentum) == naive with a separate prediction key, gradients
+    too; p = k gives plain Titans; token steps continue the parallel form."""
+    ks = jax.random.split(jax.random.PRNGKey(8), 5)
+    b, t, h, d = 1, 7, 2, 4
+    q, k, p, v = (jax.random.normal(x, (b, t, h, d)) for x in ks[:4])
+    opts = dict(depth=2, key=ks[4], chunk_size=3, causal=True, theta=0.05, eta=0.8, alpha=0.1)
+    run = lambda f, q, k, p, v: f(q, k, v, prediction_key=p, **opts)
+    np.testing.assert_allclose(run(za.titans, q, k, p, v), run(za.titans_naive, q, k, p, v), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(za.titans, q, k, k, v), za.titans(q, k, v, **opts), rtol=1e-5, atol=1e-5)
+    g1 = jax.grad(lambda *a: jnp.sum(run(za.titans, *a) ** 2), argnums=(0, 1, 2, 3))(q, k, p, v)
+    g2 = jax.grad(lambda *a: jnp.sum(run(za.titans_naive, *a) ** 2), argnums=(0, 1, 2, 3))(q, k, p, v)
+    for a, c in zip(g1, g2):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+    full = run(za.titans, q, k, p, v)
+    y0, state = za.titans(q[:, :4], k[:, :4], v[:, :4], prediction_key=p[:, :4], return_state=True, **opts)
+    step_opts = {n: opts[n] for n in ("chunk_size", "theta", "eta", "alpha")}
+    for i in range(4, t):
+        y, state = za.titans_step(state, q[:, i], k[:, i], v[:, i], prediction_key=p[:, i], **step_opts)
+        np.testing.assert_allclose(y, full[:, i], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction_key"):
+        za.titans(q, k, v, prediction_key=p[:, :3], **opts)

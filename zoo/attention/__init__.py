@@ -7,6 +7,7 @@ k/v may have fewer heads than q (grouped-query attention). Every function is saf
 
 import functools
 
+import jax
 import jax.numpy as jnp
 
 from zoo.attention import common, feature_maps
@@ -64,6 +65,9 @@ from zoo.attention.softmax import step as softmax_step
 from zoo.attention.titans import MemoryState, titans, titans_naive
 from zoo.attention.titans import init_state as memory_init_state
 from zoo.attention.titans import step as titans_step
+from zoo.attention.ttt import TTTState, ttt, ttt_linear, ttt_mlp, ttt_naive
+from zoo.attention.ttt import init_state as ttt_init_state
+from zoo.attention.ttt import step as ttt_step
 
 _kv = dict(init_state_fn=softmax_init_state, prefill_fn=softmax_prefill, cache="kv",
            decode_only={"num_sink_tokens"})
@@ -121,6 +125,12 @@ for _name, _fm, _desc in (
         example_options=functools.partial(_linear_examples, _fm), description=_desc,
     ))
 register(Transform(
+    "gla", linear, linear_naive, **_recurrent, defaults={"feature_map": "identity", "normalize": False},
+    example_options=lambda h, d: {"chunk_size": 3, "decay": jnp.linspace(0.0, 0.7, h)},
+    description="GLA: gated linear attention, per-channel decay [batch, length, heads, head_dim] (chunked)",
+))
+
+register(Transform(
     "aaren", aaren, aaren_naive, init_state_fn=aaren_init_state, prefill_fn=recurrent_prefill(aaren),
     step_fn=aaren_step, cache="recurrent", causal_only=True,
     description="Aaren: attention as an RNN, prefix-scan softmax (learned query)",
@@ -151,6 +161,20 @@ for _name, _desc in (
         defaults=dict(MIRAS_PRESETS[_name]), description=_desc, **_memory,
     ))
 
+_ttt = dict(init_state_fn=ttt_init_state, prefill_fn=recurrent_prefill(ttt), step_fn=ttt_step, cache="recurrent",
+            causal_only=True, linear_in_v=False,
+            # key draws the inner weights (init_state and the parallel form draw the same ones);
+            # residual="none" because the suite's value_dim differs from key_dim
+            example_options=lambda h, d: {"chunk_size": 3, "key": jax.random.PRNGKey(0), "residual": "none"})
+register(Transform(
+    "ttt_linear", ttt, ttt_naive, defaults={"depth": 1}, **_ttt,
+    description="TTT-Linear: linear inner model trained by mini-batch GD (LN-fused loss, dual form)",
+))
+register(Transform(
+    "ttt_mlp", ttt, ttt_naive, defaults={"depth": 2}, **_ttt,
+    description="TTT-MLP: 2-layer GELU inner model trained by mini-batch GD (LN-fused loss, dual form)",
+))
+
 __all__ = [
     "AarenState", "aaren", "aaren_init_state", "aaren_naive", "aaren_step",
     "FlowState", "flow", "flow_init_state", "flow_naive", "flow_step",
@@ -163,4 +187,5 @@ __all__ = [
     "softmax_prefill", "softmax_step", "softplus", "softplus_naive",
     "MemoryState", "memora", "memory_init_state", "miras", "miras_naive", "miras_step", "moneta",
     "titans", "titans_naive", "titans_step", "yaad",
+    "TTTState", "ttt", "ttt_init_state", "ttt_linear", "ttt_mlp", "ttt_naive", "ttt_step",
 ]

@@ -9,7 +9,13 @@ linear attention is the recurrence
     y_t = phi_q(q_t)^T S_t / (phi_q(q_t)^T z_t + eps)    (normalize=True)
     y_t = phi_q(q_t)^T S_t                               (normalize=False)
 
-i.e. ``y_i = sum_{j<=i} prod_{j<u<=i} lambda_u (phi_q(q_i).phi_k(k_j)) v_j / (...)``. Non-causal
+i.e. ``y_i = sum_{j<=i} prod_{j<u<=i} lambda_u (phi_q(q_i).phi_k(k_j)) v_j / (...)``.
+
+Per-channel decay (GLA, Yang et al., "Gated Linear Attention Transformers with Hardware-Efficient
+Training", ICML 2024): ``decay [batch, length, heads, feature_dim]`` gives every key feature its
+own factor, ``S_t = diag(lambda_t) S_{t-1} + phi_k(k_t) v_t^T`` (and ``z`` alike), i.e.
+``y_i = sum_{j<=i} (sum_f phi_q(q_i)_f phi_k(k_j)_f prod_{j<u<=i} lambda_{u,f}) v_j / (...)``.
+Registered as ``"gla"``: the identity feature map, no normaliser (``normalize=False``). Non-causal
 attention uses the full sums. There is no 1/sqrt(d) scaling unless ``scale`` is given (as in
 the original papers). ``normalize="mean"`` divides numerator and denominator by the number of
 keys seen before adding eps (NaLaFormer's ``mean`` normaliser).
@@ -23,13 +29,19 @@ Implementations (``impl=``; registered as the ``"linear"`` family of
   prefix-combined with :func:`zoo.attention.common.affine_scan`); any length (ragged last chunk
   padded with zero keys and no decay); memory O(T/C * F * Dv). Decay products inside a chunk are
   ``exp`` of differences of cumulative *finite* log-decays, zeroed where a reset lies between
-  (never ``inf - inf``).
+  (never ``inf - inf``). Per-channel decay uses GLA's secondary chunking: the chunk is cut into
+  sub-blocks of ``BC <= 16`` tokens; a diagonal sub-block takes the pairwise
+  ``sum_f q_tf k_sf exp(B_tf - B_sf)`` (a ``[BC, BC, F]`` product, ``s <= t``), an off-diagonal one
+  (key block j before query block i) the matmul ``(Q_i * exp(B_i - B_n)) (K_j * exp(B_n - B_j))^T``
+  against the first row n of block i. Every exponent used is ``<= 0`` (no overflow: never
+  ``exp(-B)``, which reaches ``lambda^-C``), masked before ``exp``; memory O(T * BC * F).
 - ``"scan"``: the token recurrence above as one ``jax.lax.scan`` (O(F * Dv) state); its
   gradient is the chunked form's VJP (same function; differentiating the scan would store every
   state).
 - ``"pallas"``: the tiled kernels of ``kernels_pallas.linear_attention`` (GPU/TPU; Pallas
   interpret mode on CPU when named explicitly), inside ``shard_map`` over the active mesh
-  (``zoo.attention.dispatch``). Takes a per-head decay only, and gives no decay gradient.
+  (``zoo.attention.dispatch``). Takes a per-head decay only (not per token or per channel:
+  ``"auto"`` then picks an XLA form), and gives no decay gradient.
 
 ``impl`` is a name, an ordered tuple of names (the first that can take the options) or
 ``"auto"``: the per-platform preference (CPU: scan, chunked; GPU/TPU: pallas, chunked), the
@@ -139,26 +151,32 @@ def init_state(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _rates(decay: Any, b: int, t: int, h: int, learn_decay: bool) -> Array | None:
+def _rates(decay: Any, b: int, t: int, h: int, learn_decay: bool, f: int | None = None) -> Array | None:
     """Decay rates (``>= 0``, ``+inf`` allowed): a scalar or ``[H]`` -> ``[H]``; ``[B, T, H]`` per
-    token as is; float32, without gradient unless ``learn_decay``."""
+    token or ``[B, T, H, F]`` per token and key feature (GLA; ``f`` the feature dimension) as is;
+    float32, without gradient unless ``learn_decay``."""
     if decay is None:
         return None
     check_range("decay", decay, lo=0.0, inf_ok=True)
     d = jnp.asarray(decay, jnp.float32)
     if d.ndim == 0 or d.shape == (h,):
         d = jnp.broadcast_to(d, (h,))
-    elif d.shape != (b, t, h):
+    elif d.shape != (b, t, h) and not (f is not None and d.shape == (b, t, h, f)):
+        fdim = "feature_dim" if f is None else f"feature_dim={f}"
         raise ValueError(
-            f"decay must be a scalar, [heads={h}] (rate per head) or [batch={b}, length={t}, heads={h}] "
-            f"(rate per token); got {shape_str(d)}"
+            f"decay must be a scalar, [heads={h}] (rate per head), [batch={b}, length={t}, heads={h}] "
+            f"(rate per token) or [batch={b}, length={t}, heads={h}, {fdim}] (per token and key "
+            f"feature, GLA); got {shape_str(d)}"
         )
     return d if learn_decay else jax.lax.stop_gradient(d)
 
 
 def _log_decay(rates: Array | None, b: int, t: int, h: int) -> Array | None:
-    """Rates ``[H]`` or ``[B, T, H]`` -> log-decay ``g = -rate`` ``[B, T, H]`` (``-inf``: reset)."""
-    return None if rates is None else jnp.broadcast_to(-rates, (b, t, h))
+    """Rates ``[H]``, ``[B, T, H]`` or ``[B, T, H, F]`` -> log-decay ``g = -rate`` ``[B, T, H]``
+    (``[B, T, H, F]`` per channel; ``-inf``: reset)."""
+    if rates is None:
+        return None
+    return -rates if rates.ndim == 4 else jnp.broadcast_to(-rates, (b, t, h))
 
 
 def _prepare(q, k, v, *, causal, feature_map, feature_map_params, scale, normalize, eps):
@@ -205,15 +223,18 @@ def _split_state(sa: Array, count: Array) -> LinearState:
 
 
 # ----------------------------------------------------------------------------- causal cores
-# All cores take fq, fk [B, T, H, F], va [B, T, H, E], g [B, T, H] log-decay (or None; -inf is a
-# reset), s0 [B, H, F, E], and return (num [B, T, H, E], final state [B, H, F, E]).
+# All cores take fq, fk [B, T, H, F], va [B, T, H, E], g [B, T, H] log-decay, or [B, T, H, F] per
+# key feature (or None; -inf is a reset), s0 [B, H, F, E], and return (num [B, T, H, E], final
+# state [B, H, F, E]).
 
 
 def _core_scan(fq, fk, va, g, s0):
+    per_channel = g is not None and g.ndim == 4
+
     def body(s, xs):
         q_t, k_t, v_t, g_t = xs
         if g_t is not None:
-            s = jnp.exp(g_t)[..., None, None] * s
+            s = (jnp.exp(g_t)[..., None] if per_channel else jnp.exp(g_t)[..., None, None]) * s
         s = s + k_t[..., :, None] * v_t[..., None, :]
         return s, jnp.einsum("bhf,bhfe->bhe", q_t, s)
 
@@ -242,7 +263,80 @@ def _scan_bwd(chunk, res, ct):
 _core_scan_fast_grad.defvjp(_scan_fwd, _scan_bwd)
 
 
+SUB_CHUNK = 16  # GLA's secondary chunk (fla's BC = min(16, BT))
+
+
+def _sub_chunk(c: int) -> int:
+    """The largest divisor of the chunk length ``c`` that is at most ``SUB_CHUNK``."""
+    return max(d for d in range(1, min(c, SUB_CHUNK) + 1) if c % d == 0)
+
+
+def _chunk_cumulative(g: Array) -> tuple[Array, Array]:
+    """Log-decay ``g [..., C, ...]`` (axis 2 of ``[B, N, C, H, .]``; ``-inf`` = reset) -> the
+    inclusive cumulative sum of its finite part and the running count of resets: the decay over
+    ``(s, t]`` is ``exp(cg_t - cg_s)`` where the counts agree and 0 where they differ."""
+    reset = jnp.isneginf(g)
+    return jnp.cumsum(jnp.where(reset, 0.0, g), axis=2), jnp.cumsum(reset.astype(jnp.int32), axis=2)
+
+
+def _seg(cg_to: Array, cr_to: Array, cg_from: Array, cr_from: Array) -> Array:
+    """``prod_{from<u<=to} lambda_u = exp(cg_to - cg_from)`` (argument masked to 0 before ``exp``,
+    then 0 where a reset lies between); the callers only pass ``to >= from`` (exponent ``<= 0``)."""
+    keep = cr_to == cr_from
+    return jnp.where(keep, jnp.exp(jnp.where(keep, cg_to - cg_from, 0.0)), 0.0)
+
+
+def _intra_per_channel(fq, fk, g):
+    """Intra-chunk scores ``A [B, N, H, C, C]`` with ``A_ts = sum_f q_tf k_sf prod_{s<u<=t}
+    lambda_uf`` for ``s <= t`` (else 0), by secondary chunking (module docstring).
+
+    fq, fk, g: ``[B, N, C, H, F]`` (g the log-decay, ``-inf`` = reset)."""
+    b, n, c, h, f = fq.shape
+    bc = _sub_chunk(c)
+    m = c // bc
+    sub = lambda x: x.reshape(b, n, m, bc, h, f)  # [B, N, M, BC, H, F]
+    cg, cr = _chunk_cumulative(g)
+    q, k, cg, cr = sub(fq), sub(fk), sub(cg), sub(cr)
+    # Diagonal sub-blocks: pairwise, the exponent masked to s <= t before exp.
+    tri = jnp.tril(jnp.ones((bc, bc), bool))[:, :, None, None]  # [t, s, 1, 1]
+    w = _seg(cg[:, :, :, :, None], cr[:, :, :, :, None], cg[:, :, :, None], cr[:, :, :, None])
+    w = jnp.where(tri, w, 0.0)  # [B, N, M, t, s, H, F]
+    diag = jnp.einsum("bnmthf,bnmshf,bnmtshf->bnhmts", q, k, w)
+    # Off-diagonal sub-blocks (key block j < query block i) against the first row of block i.
+    cg0, cr0 = cg[:, :, :, :1], cr[:, :, :, :1]  # [B, N, M(i), 1, H, F]
+    qd = q * _seg(cg, cr, cg0, cr0)  # [B, N, M(i), BC, H, F]
+    kd = k[:, :, None] * _seg(cg0[:, :, :, None], cr0[:, :, :, None], cg[:, :, None], cr[:, :, None])
+    # kd: [B, N, M(i), M(j), BC, H, F], key block j decayed to the first row of query block i
+    below = jnp.arange(m)[:, None] > jnp.arange(m)[None, :]  # [i, j]
+    kd = jnp.where(below[:, :, None, None, None], kd, 0.0)
+    off = jnp.einsum("bnithf,bnijshf->bnhitjs", qd, kd)  # [B, N, H, M, BC, M, BC], 0 unless j < i
+    full = off + jnp.einsum("bnhmts,mj->bnhmtjs", diag, jnp.eye(m, dtype=diag.dtype))
+    return full.reshape(b, n, h, c, c)
+
+
+def _core_chunked_channel(fq, fk, va, g, s0, chunk_size: int):
+    """The chunked form with per-channel log-decay ``g [B, T, H, F]`` (GLA)."""
+    b, t, h, f = fq.shape
+    c = min(chunk_size, t)
+    fq, fk, va, gc = (chunk(x, c)[0] for x in (fq, fk, va, g))  # [B, N, C, H, .]; pads: g = 0
+    a = _intra_per_channel(fq, fk, gc)
+    cg, cr = _chunk_cumulative(gc)
+    last_g, last_r = cg[:, :, -1:], cr[:, :, -1:]
+    kw = fk * _seg(last_g, last_r, cg, cr)  # each key decayed to the chunk end
+    chunk_decay = jnp.where(last_r[:, :, 0] == 0, jnp.exp(last_g[:, :, 0]), 0.0)  # [B, N, H, F]
+    q_dec = fq * jnp.where(cr == 0, jnp.exp(cg), 0.0)  # each query decayed from the chunk start
+    intra = jnp.einsum("bnhrs,bnshe->bnrhe", a, va)
+    delta = jnp.einsum("bnshf,bnshe->bnhfe", kw, va)
+    acc_a, acc_b = affine_scan(chunk_decay, delta, axis=1)  # a [B, N, H, F] scales the rows
+    s_after = acc_a[..., None] * s0[:, None] + acc_b
+    s_before = jnp.concatenate([s0[:, None], s_after[:, :-1]], axis=1)
+    inter = jnp.einsum("bnrhf,bnhfe->bnrhe", q_dec, s_before)
+    return unchunk(intra + inter, t), s_after[:, -1]
+
+
 def _core_chunked(fq, fk, va, g, s0, chunk_size: int):
+    if g is not None and g.ndim == 4:
+        return _core_chunked_channel(fq, fk, va, g, s0, chunk_size)
     b, t, h, f = fq.shape
     c = min(chunk_size, t)
     # Padded keys/values are zero and padded steps do not decay (g = 0), so the state is exact.
@@ -323,6 +417,8 @@ def _pallas_supports(*, decay: Any = None, learn_decay: bool = False, **options:
         return "kernels_pallas is not importable"
     if decay is not None and jnp.ndim(decay) == 3:
         return "per-token decay [batch, length, heads] (the kernel takes one rate per head)"
+    if decay is not None and jnp.ndim(decay) == 4:
+        return "per-channel decay [batch, length, heads, feature_dim] (GLA; the kernel takes one rate per head)"
     if decay is not None and learn_decay:
         return "learn_decay=True needs a differentiable decay (the kernel gives no decay gradient)"
     return None
@@ -375,8 +471,10 @@ def linear(
       feature_map_params: parameters of a learnable map (or a pair ``(params_q, params_k)``).
       eps: added to the denominator. normalize: True, False or ``"mean"``.
       decay: causal only; rates ``>= 0`` with ``lambda = exp(-rate)`` (``+inf``: a hard reset):
-        a scalar or ``[heads]`` (Lightning / TransNormer; see :func:`alibi_slopes`) or
-        ``[batch, length, heads]`` per token. Concrete values are range-checked.
+        a scalar or ``[heads]`` (Lightning / TransNormer; see :func:`alibi_slopes`),
+        ``[batch, length, heads]`` per token, or ``[batch, length, heads, feature_dim]`` per token
+        and key feature (GLA's gates; ``feature_dim`` = the feature map's output size, ``head_dim``
+        for the identity map). Concrete values are range-checked.
       learn_decay: False (default): the decay is a constant, no gradient flows to it (in every
         form). True: differentiable in the decay (selects an XLA form; not the kernel).
       scale: multiplies q before the feature map (none by default, as in the papers).
@@ -409,7 +507,7 @@ def linear(
         num = jnp.einsum("bihf,bhfe->bihe", fq, kv)
         return _finish(num, jnp.float32(tk), normalize=normalize, eps=eps, dtype=v.dtype)
 
-    rates = _rates(decay, b, tq, h, learn_decay)
+    rates = _rates(decay, b, tq, h, learn_decay, f)
     form = registry.resolve(FAMILY, impl, on=on, decay=rates, learn_decay=learn_decay)
     s0 = _aug_state(initial_state, b, h, f, va.shape[-1] - 1)
     chunk_size = None if chunk_size is None else int(chunk_size)
@@ -430,7 +528,9 @@ def linear_naive(
     """Reference: the masked quadratic form ``y = A v / (rowsum(A) + eps)`` with
     ``A_ij = phi_q(q_i).phi_k(k_j) * prod_{j<u<=i} lambda_u * [j <= i]``, the decay product
     taken term by term: 0 when a factor is 0 (a rate of ``+inf``), else ``exp`` of the sum of
-    the finite log-decays. Obviously right, O(T^2) memory, O(T^3) work."""
+    the finite log-decays (per key feature f for a ``[batch, length, heads, feature_dim]`` decay:
+    ``A_ij = sum_f phi_q(q_i)_f phi_k(k_j)_f prod_{j<u<=i} lambda_uf``). Obviously right, O(T^2)
+    memory (O(T^2 F) per channel), O(T^3) work."""
     fq, fk, va = _prepare(
         q, k, v, causal=causal, feature_map=feature_map, feature_map_params=feature_map_params,
         scale=scale, normalize=normalize, eps=eps,
@@ -440,15 +540,23 @@ def linear_naive(
     a = jnp.einsum("bihf,bjhf->bhij", fq, fk)
     if causal:
         a = jnp.where(jnp.tril(jnp.ones((tq, tk), bool)), a, 0.0)
-        g = _log_decay(_rates(decay, b, tq, h, learn_decay), b, tq, h)
+        g = _log_decay(_rates(decay, b, tq, h, learn_decay, f), b, tq, h)
         if g is not None:
             pos = jnp.arange(tq)
             i, j, u = pos[:, None, None], pos[None, :, None], pos[None, None, :]
             between = ((u > j) & (u <= i)).astype(jnp.float32)  # [i, j, u]: u in (j, i]
             reset = jnp.isneginf(g)
-            logw = jnp.einsum("iju,buh->bhij", between, jnp.where(reset, 0.0, g))
-            zeros = jnp.einsum("iju,buh->bhij", between, reset.astype(jnp.float32))
-            a = a * jnp.where(zeros > 0, 0.0, jnp.exp(logw))
+            gf, rf = jnp.where(reset, 0.0, g), reset.astype(jnp.float32)
+            if g.ndim == 4:  # per key feature: A_ij = sum_f q_if k_jf prod_u lambda_uf
+                logw = jnp.einsum("iju,buhf->bhijf", between, gf)
+                zeros = jnp.einsum("iju,buhf->bhijf", between, rf)
+                w = jnp.where(zeros > 0, 0.0, jnp.exp(logw))
+                a = jnp.einsum("bihf,bjhf,bhijf->bhij", fq, fk, w)
+                a = jnp.where(jnp.tril(jnp.ones((tq, tk), bool)), a, 0.0)
+            else:
+                logw = jnp.einsum("iju,buh->bhij", between, gf)
+                zeros = jnp.einsum("iju,buh->bhij", between, rf)
+                a = a * jnp.where(zeros > 0, 0.0, jnp.exp(logw))
         counts = jnp.arange(1, tq + 1, dtype=jnp.float32)[None, :, None, None]
     else:
         if decay is not None:
@@ -466,9 +574,10 @@ def step(
     """One decoding step of causal linear attention.
 
     ``q_t [batch, heads, head_dim]``, ``k_t [batch, kv_heads, head_dim]``,
-    ``v_t [batch, kv_heads, value_dim]``; ``decay``: a scalar, ``[heads]`` or ``[batch, heads]``
-    rates (``+inf``: reset). Returns ``(y_t [batch, heads, value_dim], new_state)``:
-    ``S <- lambda S + phi(k) v^T``, ``z <- lambda z + phi(k)``, ``y = phi(q)^T S / (phi(q)^T z + eps)``.
+    ``v_t [batch, kv_heads, value_dim]``; ``decay``: a scalar, ``[heads]``, ``[batch, heads]`` or
+    ``[batch, heads, feature_dim]`` (GLA, per key feature) rates (``+inf``: reset). Returns
+    ``(y_t [batch, heads, value_dim], new_state)``: ``S <- lambda S + phi(k) v^T``,
+    ``z <- lambda z + phi(k)``, ``y = phi(q)^T S / (phi(q)^T z + eps)``.
     """
     check_token(q_t, k_t, v_t)
     fq, fk, va = _prepare(
@@ -479,12 +588,14 @@ def step(
     s = _aug_state(state, b, h, f, va.shape[-1] - 1)
     if decay is not None:
         d = jnp.asarray(decay, jnp.float32)
-        if d.ndim == 2:
-            if d.shape != (b, h):
-                raise ValueError(f"decay must be a scalar, [heads={h}] or [batch={b}, heads={h}]; got {shape_str(d)}")
-            decay = d[:, None]  # [B, 1, H]: per token of a length-1 sequence
-        rates = _rates(decay, b, 1, h, learn_decay)
-        s = jnp.exp(_log_decay(rates, b, 1, h)[:, 0])[..., None, None] * s
+        if d.ndim in (2, 3):
+            if d.shape not in ((b, h), (b, h, f)):
+                raise ValueError(f"decay must be a scalar, [heads={h}], [batch={b}, heads={h}] or [batch={b}, "
+                                 f"heads={h}, feature_dim={f}] (GLA); got {shape_str(d)}")
+            decay = d[:, None]  # [B, 1, H(, F)]: per token of a length-1 sequence
+        rates = _rates(decay, b, 1, h, learn_decay, f)
+        g = _log_decay(rates, b, 1, h)[:, 0]
+        s = (jnp.exp(g)[..., None] if g.ndim == 3 else jnp.exp(g)[..., None, None]) * s
     s = s + fk[:, 0, :, :, None] * va[:, 0, :, None, :]
     num = jnp.einsum("bhf,bhfe->bhe", fq[:, 0], s)
     count = state.count + 1

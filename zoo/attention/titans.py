@@ -10,8 +10,22 @@ momentum and weight decay on the associative loss, then reads with its query:
     y_t = M_t(q_t)                                            (retrieval, no update)
 
 with per-token gates ``theta_t >= 0``, ``eta_t in [0, 1]``, ``alpha_t in [0, 1]`` (arrays, not
-modules). An MLP of depth ``L`` computes ``h_0 = x, z_l = h_{l-1} W_l, h_l = act(z_l)`` and
-``M(x) = z_L`` (``+ x`` with ``residual=True``), weights ``W_l [d_{l-1}, d_l]``, no biases.
+modules).
+
+General momentum delta rule (``prediction_key=p``): the memory predicts at a key ``p_t`` and
+writes along ``k_t``. For a matrix memory ``M(x) = x W`` the surprise is
+``u_t = k_t^T (p_t W_{t'} - v_t)`` (times 2 for this loss) instead of ``k_t^T (k_t W_{t'} - v_t)``:
+
+    S_t = eta_t S_{t-1} - 2 theta_t k_t^T (p_t W_{t'} - v_t),   W_t = (1 - alpha_t) W_{t-1} + S_t
+
+(with ``eta = alpha = 0``: ``W_t = W_{t-1} - 2 theta_t k_t^T (p_t W_{t-1} - v_t)``, a delta rule whose
+erase key ``p`` differs from its write key ``k``); ``p = k`` is Titans. For an MLP memory the
+surprise is the gradient of ``l(M; p_t, v_t)`` with respect to a weight change whose first-layer
+effect is carried by ``k_t``: the forward pass, error signals and deeper layers' inputs at ``p_t``,
+the first layer's input ``k_t`` (``u = k_t^T delta_1`` there).
+
+An MLP of depth ``L`` computes ``h_0 = x, z_l = h_{l-1} W_l, h_l = act(z_l)`` and ``M(x) = z_L``
+(``+ x`` with ``residual=True``), weights ``W_l [d_{l-1}, d_l]``, no biases.
 
 Forms (every form takes ``chunk_size`` C, default ``DEFAULT_CHUNK`` = 64, and means the same
 recurrence by it: the gradient of token t is taken at the effective weights ``M_{t'}`` of the
@@ -92,6 +106,7 @@ from zoo.attention.common import (
     affine_scan,
     as_int,
     check_choice,
+    check_float,
     check_qkv,
     check_range,
     check_token,
@@ -162,6 +177,9 @@ class Rule:
     residual: bool = False
     readout: Callable[[Array], Array] | None = None
     grad_clip: float | None = None
+    # True: the key array carries [write key, prediction key] concatenated on the feature axis
+    # (the general momentum delta rule: predict at the prediction key, write along the write key)
+    prediction_key: bool = False
 
     def read(self, weights: Sequence[Array]) -> tuple[Array, ...]:
         return tuple(weights) if self.readout is None else tuple(self.readout(w) for w in weights)
@@ -387,11 +405,21 @@ def _clip_scale(sq: Array, clip: float) -> Array:
     return jnp.where(big, clip * jax.lax.rsqrt(jnp.where(big, sq, 1.0)), 1.0)
 
 
+def _split_key(k: Array, rule: Rule) -> tuple[Array, Array]:
+    """``(write key, prediction key)``: the halves of ``k`` with ``rule.prediction_key``, else ``k`` twice."""
+    if not rule.prediction_key:
+        return k, k
+    d = k.shape[-1] // 2
+    return k[..., :d], k[..., d:]
+
+
 def _factors(w0, k, v, aux, rule):
     """Per-token gradients at the weights ``w0`` in factored form: layer inputs ``hs[l]``
     ``[B, H, C, d_{l-1}]`` and error signals ``deltas[l]`` ``[B, H, C, d_l]``, so that token j's
-    gradient of layer l is ``hs[l][j]^T deltas[l][j]`` (clipped when ``rule.grad_clip``)."""
+    gradient of layer l is ``hs[l][j]^T deltas[l][j]`` (clipped when ``rule.grad_clip``). With a
+    prediction key the forward pass runs at it and the first layer's input is the write key."""
     act = ACTIVATIONS[rule.activation]
+    kw, k = _split_key(k, rule)
 
     def total(offsets):
         h, hs = k, []
@@ -405,6 +433,7 @@ def _factors(w0, k, v, aux, rule):
 
     zeros = [jnp.zeros(k.shape[:-1] + (w.shape[-1],), jnp.float32) for w in w0]
     deltas, hs = jax.grad(total, has_aux=True)(zeros)
+    hs = [kw] + list(hs[1:])  # the write key carries the first layer's update
     if rule.grad_clip is not None:
         sq = sum(jnp.sum(h * h, -1) * jnp.sum(d * d, -1) for h, d in zip(hs, deltas))
         s = _clip_scale(sq, rule.grad_clip)[..., None]
@@ -610,7 +639,20 @@ def token_update(ws, ms, frozen, refresh, q, k, v, theta, eta, alpha, aux, rule:
     (``alpha`` None: no decay); read ``y = M(q)`` with ``rule.read(A)``. Returns
     ``(y, ws, ms, frozen)``."""
     frozen = tuple(jnp.where(refresh, c, f) for c, f in zip(rule.read(ws), frozen))
-    g = jax.grad(lambda w: rule.loss(_mlp_vec(w, k, rule), v, aux))(frozen)
+    if rule.prediction_key:
+        kw, kp = _split_key(k, rule)
+        act = ACTIVATIONS[rule.activation]
+
+        def write_loss(dw):  # the loss at M(kp) under a weight change dw carried by the write key kw
+            h = kp
+            for i, (w, d) in enumerate(zip(frozen, dw)):
+                h = h @ w + (kw if i == 0 else h) @ d
+                h = act(h) if i < len(frozen) - 1 else h
+            return rule.loss(h + kp if rule.residual else h, v, aux)
+
+        g = jax.grad(write_loss)(tuple(jnp.zeros_like(w) for w in frozen))
+    else:
+        g = jax.grad(lambda w: rule.loss(_mlp_vec(w, k, rule), v, aux))(frozen)
     if rule.grad_clip is not None:
         s = _clip_scale(sum(jnp.sum(x * x) for x in g), rule.grad_clip)
         g = tuple(s * x for x in g)
@@ -647,8 +689,22 @@ def run_sequential(q, k, v, theta, eta, alpha, aux, state: MemoryState, *, rule:
 # ----------------------------------------------------------------------------- public API
 
 
+def _with_prediction_key(kf: Array, k: Array, prediction_key: Any, *, token: bool = False) -> Array:
+    """``[write key, prediction key]`` concatenated on the feature axis (``kf``: the write key with
+    grouped heads repeated, float32; ``k``: as given, for the shape check)."""
+    layout = "[batch, kv_heads, key_dim]" if token else "[batch, length, kv_heads, key_dim]"
+    name = "prediction_key"
+    if getattr(prediction_key, "shape", None) != k.shape:
+        raise ValueError(f"{name} must have k's shape {shape_str(k)} = {layout}; got {shape_str(prediction_key)}")
+    check_float(name, prediction_key)
+    groups = kf.shape[-2] // k.shape[-2]
+    p = jnp.asarray(prediction_key, jnp.float32)
+    p = repeat_kv(p[:, None], groups)[:, 0] if token else repeat_kv(p, groups)
+    return jnp.concatenate([kf, p], axis=-1)
+
+
 def _titans_inputs(q, k, v, theta, eta, alpha, weights, depth, expansion, key, activation, residual,
-                   grad_clip, initial_state, causal):
+                   grad_clip, initial_state, causal, prediction_key=None):
     qf, kf, vf = prepare(q, k, v, causal)
     b, t, h, dk = kf.shape
     dv = vf.shape[-1]
@@ -657,7 +713,10 @@ def _titans_inputs(q, k, v, theta, eta, alpha, weights, depth, expansion, key, a
     et = gate("eta", DEFAULT_ETA if eta is None else eta, b, t, h)
     al = gate("alpha", DEFAULT_ALPHA if alpha is None else alpha, b, t, h)
     state = start_state(initial_state, weights, depth, expansion, key, b, h, dk, dv)
-    rule = Rule(l2_loss, activation=activation, residual=residual, grad_clip=grad_clip)
+    rule = Rule(l2_loss, activation=activation, residual=residual, grad_clip=grad_clip,
+                prediction_key=prediction_key is not None)
+    if prediction_key is not None:
+        kf = _with_prediction_key(kf, k, prediction_key)
     return (qf, kf, vf, th, et, al, None), state, rule
 
 
@@ -667,6 +726,7 @@ def titans(
     weights: Sequence[Array] | None = None, depth: int | None = None, expansion: int = 4,
     key: Array | None = None, activation: str = "gelu", residual: bool = False,
     grad_clip: float | None = None, chunk_size: int = DEFAULT_CHUNK, form: str = "dual",
+    prediction_key: Array | None = None,
     initial_state: MemoryState | None = None, return_state: bool = False, causal: bool = False,
 ) -> Array | tuple[Array, MemoryState]:
     """Titans neural memory, chunked parallel form (see the module docstring for the equations).
@@ -689,6 +749,9 @@ def titans(
       grad_clip: max global norm of each token's gradient (None: no clipping).
       chunk_size: tokens per chunk (default 64, the same default as :func:`step` and
         :func:`titans_naive`; 1 = the exact recurrence); form: ``"dual"`` or ``"materialize"``.
+      prediction_key: the general momentum delta rule: ``[batch, length, kv_heads, key_dim]`` keys
+        ``p_t`` at which the memory predicts (the surprise), while ``k_t`` carries the write (see
+        the module docstring); None: ``p = k`` (Titans).
       initial_state / return_state: start from / also return a :class:`MemoryState` (the state
         overrides ``weights``; it may stop inside a chunk: the chunk grid continues from
         ``initial_state.count``, so chaining calls, or a call and :func:`step` s, equals one call).
@@ -702,7 +765,7 @@ def titans(
     chunk_size = check_chunk(chunk_size)
     check_choice("form", form, FORMS)
     xs, state, rule = _titans_inputs(q, k, v, theta, eta, alpha, weights, depth, expansion, key,
-                                     activation, residual, grad_clip, initial_state, causal)
+                                     activation, residual, grad_clip, initial_state, causal, prediction_key)
     y, state = run_chunked(*xs, state, rule=rule, chunk=chunk_size, form=form)
     y = y.astype(v.dtype)
     return (y, state) if return_state else y
@@ -713,7 +776,7 @@ def titans_naive(
     theta: Any = None, eta: Any = None, alpha: Any = None,
     weights: Sequence[Array] | None = None, depth: int | None = None, expansion: int = 4,
     key: Array | None = None, activation: str = "gelu", residual: bool = False,
-    grad_clip: float | None = None, chunk_size: int = DEFAULT_CHUNK,
+    grad_clip: float | None = None, chunk_size: int = DEFAULT_CHUNK, prediction_key: Array | None = None,
     initial_state: MemoryState | None = None, return_state: bool = False, causal: bool = False,
 ) -> Array | tuple[Array, MemoryState]:
     """Reference: the Titans recurrence token by token (``jax.lax.scan``, ``jax.grad`` per token),
@@ -722,7 +785,7 @@ def titans_naive(
     chunk size) as :func:`titans`: the oracle of :func:`titans` with the same ``chunk_size``."""
     chunk_size = check_chunk(chunk_size)
     xs, state, rule = _titans_inputs(q, k, v, theta, eta, alpha, weights, depth, expansion, key,
-                                     activation, residual, grad_clip, initial_state, causal)
+                                     activation, residual, grad_clip, initial_state, causal, prediction_key)
     y, state = run_sequential(*xs, state, rule=rule, chunk=chunk_size)
     y = y.astype(v.dtype)
     return (y, state) if return_state else y
@@ -754,7 +817,7 @@ def step(
     state: MemoryState, q_t: Array, k_t: Array, v_t: Array, *,
     theta: Any = None, eta: Any = None, alpha: Any = None,
     activation: str = "gelu", residual: bool = False, grad_clip: float | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int = DEFAULT_CHUNK, prediction_key: Array | None = None,
 ) -> tuple[Array, MemoryState]:
     """One decoding step of Titans: where ``state.count % chunk_size == 0`` the frozen weights
     become the current ones; ``S <- eta S - theta grad l(M_frozen; k_t, v_t)``,
@@ -763,7 +826,8 @@ def step(
 
     ``q_t [batch, heads, key_dim]``, ``k_t [batch, kv_heads, key_dim]``,
     ``v_t [batch, kv_heads, value_dim]``; gates scalars, ``[heads]`` or ``[batch, heads]`` (defaults
-    and ranges as :func:`titans`). Returns ``(y_t [batch, heads, value_dim] in v_t.dtype, new_state)``.
+    and ranges as :func:`titans`); ``prediction_key`` ``[batch, kv_heads, key_dim]`` (or None) as
+    :func:`titans`. Returns ``(y_t [batch, heads, value_dim] in v_t.dtype, new_state)``.
     """
     chunk_size = check_chunk(chunk_size)
     state, q, k, v, b, h = step_inputs(state, q_t, k_t, v_t)
@@ -772,6 +836,9 @@ def step(
     th = step_gate("theta", THETA_SCALE / k.shape[-1] if theta is None else theta, b, h)
     et = step_gate("eta", DEFAULT_ETA if eta is None else eta, b, h)
     al = step_gate("alpha", DEFAULT_ALPHA if alpha is None else alpha, b, h)
-    rule = Rule(l2_loss, activation=activation, residual=residual, grad_clip=grad_clip)
+    rule = Rule(l2_loss, activation=activation, residual=residual, grad_clip=grad_clip,
+                prediction_key=prediction_key is not None)
+    if prediction_key is not None:
+        k = _with_prediction_key(k, k_t, prediction_key, token=True)
     y, state = run_step(state, q, k, v, th, et, al, None, rule, chunk_size)
     return y.astype(v_t.dtype), state
