@@ -192,3 +192,19 @@ def test_ttt_bad_input_names_argument():
         za.ttt(q, q, q, eta=-1.0, key=jax.random.PRNGKey(0), causal=True)
     with pytest.raises(ValueError, match="residual"):
         za.ttt(q, q, q, residual="bogus", key=jax.random.PRNGKey(0), causal=True)
+
+
+@pytest.mark.parametrize("chunk", [5, 32])
+def test_gla_chunked_gradient_equals_scan(chunk):
+    """Longer than one 16-token chunk (chunk_size above 16 means 16): the chunked form's
+    gradient equals the scan's (whose VJP is the chunked one's: so also against the naive)."""
+    ks = jax.random.split(jax.random.PRNGKey(6), 4)
+    q, k, v = (jax.random.normal(x, (1, 37, 2, 4)) for x in ks[:3])
+    rates = jax.random.uniform(ks[3], (1, 37, 2, 4), maxval=1.0)
+    opts = dict(causal=True, feature_map="identity", normalize=False, decay=rates, learn_decay=True)
+    loss = lambda f, **o: jax.grad(lambda q, k, v, r: jnp.sum(jnp.sin(f(q, k, v, **{**opts, "decay": r}, **o))),
+                                   argnums=range(4))(q, k, v, rates)
+    want = loss(za.linear_naive)
+    for got in (loss(za.linear, impl="chunked", chunk_size=chunk), loss(za.linear, impl="scan")):
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -29,12 +29,14 @@ Implementations (``impl=``; registered as the ``"linear"`` family of
   prefix-combined with :func:`zoo.attention.common.affine_scan`); any length (ragged last chunk
   padded with zero keys and no decay); memory O(T/C * F * Dv). Decay products inside a chunk are
   ``exp`` of differences of cumulative *finite* log-decays, zeroed where a reset lies between
-  (never ``inf - inf``). Per-channel decay uses GLA's secondary chunking: the chunk is cut into
-  sub-blocks of ``BC <= 16`` tokens; a diagonal sub-block takes the pairwise
-  ``sum_f q_tf k_sf exp(B_tf - B_sf)`` (a ``[BC, BC, F]`` product, ``s <= t``), an off-diagonal one
-  (key block j before query block i) the matmul ``(Q_i * exp(B_i - B_n)) (K_j * exp(B_n - B_j))^T``
-  against the first row n of block i. Every exponent used is ``<= 0`` (no overflow: never
-  ``exp(-B)``, which reaches ``lambda^-C``), masked before ``exp``; memory O(T * BC * F).
+  (never ``inf - inf``). Per-channel decay runs chunks of at most ``SUB_CHUNK`` = 16 tokens (GLA's
+  secondary chunk; a larger ``chunk_size`` means 16): inside a chunk
+  the pairwise ``sum_f q_tf k_sf exp(B_tf - B_sf)`` (a ``[C, C, F]`` product, ``s <= t``), every
+  exponent ``<= 0`` (masked before ``exp``; never ``exp(-B)``, which reaches ``lambda^-C``), and
+  the state carried between chunks as above; memory O(T * 16 * F). (GLA's kernels also tile a
+  primary chunk into 16-token sub-blocks joined by matmuls against the sub-block's first row;
+  on XLA:CPU that form's gradient crashes the compiler (jax 0.10.2, two sub-blocks), and the
+  state between 16-token chunks carries the same information.)
 - ``"scan"``: the token recurrence above as one ``jax.lax.scan`` (O(F * Dv) state); its
   gradient is the chunked form's VJP (same function; differentiating the scan would store every
   state).
@@ -263,12 +265,7 @@ def _scan_bwd(chunk, res, ct):
 _core_scan_fast_grad.defvjp(_scan_fwd, _scan_bwd)
 
 
-SUB_CHUNK = 16  # GLA's secondary chunk (fla's BC = min(16, BT))
-
-
-def _sub_chunk(c: int) -> int:
-    """The largest divisor of the chunk length ``c`` that is at most ``SUB_CHUNK``."""
-    return max(d for d in range(1, min(c, SUB_CHUNK) + 1) if c % d == 0)
+SUB_CHUNK = 16  # per-channel decay: chunks of at most GLA's secondary chunk (fla's BC = min(16, BT))
 
 
 def _chunk_cumulative(g: Array) -> tuple[Array, Array]:
@@ -288,36 +285,23 @@ def _seg(cg_to: Array, cr_to: Array, cg_from: Array, cr_from: Array) -> Array:
 
 def _intra_per_channel(fq, fk, g):
     """Intra-chunk scores ``A [B, N, H, C, C]`` with ``A_ts = sum_f q_tf k_sf prod_{s<u<=t}
-    lambda_uf`` for ``s <= t`` (else 0), by secondary chunking (module docstring).
+    lambda_uf`` for ``s <= t`` (else 0): the pairwise ``[C, C, F]`` decays, each exponent masked
+    to ``s <= t`` (so ``<= 0``) before ``exp``.
 
     fq, fk, g: ``[B, N, C, H, F]`` (g the log-decay, ``-inf`` = reset)."""
-    b, n, c, h, f = fq.shape
-    bc = _sub_chunk(c)
-    m = c // bc
-    sub = lambda x: x.reshape(b, n, m, bc, h, f)  # [B, N, M, BC, H, F]
+    c = fq.shape[2]
     cg, cr = _chunk_cumulative(g)
-    q, k, cg, cr = sub(fq), sub(fk), sub(cg), sub(cr)
-    # Diagonal sub-blocks: pairwise, the exponent masked to s <= t before exp.
-    tri = jnp.tril(jnp.ones((bc, bc), bool))[:, :, None, None]  # [t, s, 1, 1]
-    w = _seg(cg[:, :, :, :, None], cr[:, :, :, :, None], cg[:, :, :, None], cr[:, :, :, None])
-    w = jnp.where(tri, w, 0.0)  # [B, N, M, t, s, H, F]
-    diag = jnp.einsum("bnmthf,bnmshf,bnmtshf->bnhmts", q, k, w)
-    # Off-diagonal sub-blocks (key block j < query block i) against the first row of block i.
-    cg0, cr0 = cg[:, :, :, :1], cr[:, :, :, :1]  # [B, N, M(i), 1, H, F]
-    qd = q * _seg(cg, cr, cg0, cr0)  # [B, N, M(i), BC, H, F]
-    kd = k[:, :, None] * _seg(cg0[:, :, :, None], cr0[:, :, :, None], cg[:, :, None], cr[:, :, None])
-    # kd: [B, N, M(i), M(j), BC, H, F], key block j decayed to the first row of query block i
-    below = jnp.arange(m)[:, None] > jnp.arange(m)[None, :]  # [i, j]
-    kd = jnp.where(below[:, :, None, None, None], kd, 0.0)
-    off = jnp.einsum("bnithf,bnijshf->bnhitjs", qd, kd)  # [B, N, H, M, BC, M, BC], 0 unless j < i
-    full = off + jnp.einsum("bnhmts,mj->bnhmtjs", diag, jnp.eye(m, dtype=diag.dtype))
-    return full.reshape(b, n, h, c, c)
+    tri = jnp.tril(jnp.ones((c, c), bool))[:, :, None, None]  # [t, s, 1, 1]
+    w = _seg(cg[:, :, :, None], cr[:, :, :, None], cg[:, :, None], cr[:, :, None])  # [B, N, t, s, H, F]
+    w = jnp.where(tri, w, 0.0)
+    return jnp.einsum("bnthf,bnshf,bntshf->bnhts", fq, fk, w)
 
 
 def _core_chunked_channel(fq, fk, va, g, s0, chunk_size: int):
-    """The chunked form with per-channel log-decay ``g [B, T, H, F]`` (GLA)."""
+    """The chunked form with per-channel log-decay ``g [B, T, H, F]`` (GLA), in chunks of at most
+    ``SUB_CHUNK`` tokens (module docstring)."""
     b, t, h, f = fq.shape
-    c = min(chunk_size, t)
+    c = min(chunk_size, t, SUB_CHUNK)
     fq, fk, va, gc = (chunk(x, c)[0] for x in (fq, fk, va, g))  # [B, N, C, H, .]; pads: g = 0
     a = _intra_per_channel(fq, fk, gc)
     cg, cr = _chunk_cumulative(gc)
