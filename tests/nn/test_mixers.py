@@ -134,6 +134,7 @@ def _direct(m: zn.MultiHeadAttention, x, c, causal: bool, **options):
     v = jnp.einsum("bte,ehd->bthd", c, m.v_proj[...])
     if m.learned_feature_map:
         options["feature_map_params"] = m.feature_map_params()
+    options.update(m.learned_options())
     y = t.reference(q, k, v, causal=causal, **options)
     return jnp.einsum("bthd,hde->bte", y, m.o_proj[...])
 
@@ -162,3 +163,18 @@ def test_cross_attention_patterns(name):
         assert_close(got, _direct(m, x, kv_source, causal, **kw), atol=1e-5, rtol=1e-5, what=f"{name} {pattern}")
     with pytest.raises(ValueError, match="context"):
         m(x, c_other, causal=True)  # causal cross with another length
+
+
+def test_transform_init_params_become_trained_parameters():
+    """TTT's initial inner model and LayerNorm (``Transform.init_params``) are parameters of
+    MultiHeadAttention: passed to the transform, with gradients; given options win."""
+    m = zn.MultiHeadAttention(H, E, transform="ttt_linear", rngs=nnx.Rngs(0))
+    assert sorted(m.learned_options()) == ["biases", "ln_bias", "ln_weight", "weights"]
+    assert m.learned_options()["weights"][0].shape == (H, E // H, E // H)
+    x = x_in()
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m)
+    g = grads.transform_params["weights_0"][...]
+    assert float(jnp.max(jnp.abs(g))) > 0.0
+    w = (jnp.zeros((H, E // H, E // H)),)
+    given = zn.MultiHeadAttention(H, E, transform="ttt_linear", transform_kwargs={"weights": w}, rngs=nnx.Rngs(0))
+    assert "weights" not in given.learned_options()

@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from zoo.attention import common, feature_maps
+from zoo.attention import common, feature_maps, rope
 from zoo.attention.aaren import AarenState, aaren, aaren_naive
 from zoo.attention.aaren import init_state as aaren_init_state
 from zoo.attention.aaren import step as aaren_step
@@ -48,6 +48,7 @@ from zoo.attention.registry import (
     resolve,
     set_preference,
 )
+from zoo.attention.rope import RopeScaling
 from zoo.attention.softmax import (
     KVCache,
     init_cache,
@@ -66,6 +67,7 @@ from zoo.attention.titans import MemoryState, titans, titans_naive
 from zoo.attention.titans import init_state as memory_init_state
 from zoo.attention.titans import step as titans_step
 from zoo.attention.ttt import TTTState, ttt, ttt_linear, ttt_mlp, ttt_naive
+from zoo.attention.ttt import init_params as ttt_init_params
 from zoo.attention.ttt import init_state as ttt_init_state
 from zoo.attention.ttt import step as ttt_step
 
@@ -162,7 +164,7 @@ for _name, _desc in (
     ))
 
 _ttt = dict(init_state_fn=ttt_init_state, prefill_fn=recurrent_prefill(ttt), step_fn=ttt_step, cache="recurrent",
-            causal_only=True, linear_in_v=False,
+            causal_only=True, linear_in_v=False, init_params=ttt_init_params,
             # key draws the inner weights (init_state and the parallel form draw the same ones);
             # residual="none" because the suite's value_dim differs from key_dim
             example_options=lambda h, d: {"chunk_size": 3, "key": jax.random.PRNGKey(0), "residual": "none"})
@@ -187,5 +189,6 @@ __all__ = [
     "softmax_prefill", "softmax_step", "softplus", "softplus_naive",
     "MemoryState", "memora", "memory_init_state", "miras", "miras_naive", "miras_step", "moneta",
     "titans", "titans_naive", "titans_step", "yaad",
+    "RopeScaling", "rope",
     "TTTState", "ttt", "ttt_init_state", "ttt_linear", "ttt_mlp", "ttt_naive", "ttt_step",
 ]

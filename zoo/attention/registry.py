@@ -19,7 +19,11 @@ A :class:`Transform` is everything true of one mechanism, in one record:
   ``impl_family`` (the table of implementations its
   ``impl=`` option chooses from) and ``example_options(heads, head_dim)`` (small options that
   exercise the mechanism: learnable parameters it needs, a short window or chunk; the
-  conformance suite runs every form with them).
+  conformance suite runs every form with them) and ``init_params(key, heads, head_dim,
+  value_dim, **options) -> {option: initial value}`` (the learned parameters a module owns for
+  the mechanism, e.g. TTT's initial inner model and LayerNorm: arrays or tuples of arrays, heads
+  first; ``zoo.nn.MultiHeadAttention`` makes them ``nnx.Param`` s and passes them as those
+  options unless they are given).
 
 Decoding, the same for every mechanism::
 
@@ -99,6 +103,7 @@ class Transform:
     decode_only: frozenset[str] = frozenset()
     impl_family: str | None = None
     example_options: Callable[[int, int], Mapping[str, Any]] | None = None
+    init_params: Callable[..., Mapping[str, Any]] | None = None
     description: str = ""
 
     def __post_init__(self):

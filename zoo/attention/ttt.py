@@ -191,6 +191,19 @@ def _initial_params(weights, biases, depth, expansion, key, h, dk, dv):
     return ws, bs
 
 
+def init_params(
+    key: Array, heads: int, head_dim: int, value_dim: int | None = None, *, depth: int = 1, expansion: int = 4,
+    **_: Any,
+) -> dict[str, Any]:
+    """The learned parameters of a TTT layer, as the options they initialise (the registry's
+    ``init_params``): the initial inner model ``weights`` (``N(0, 0.02^2)``, the official code's
+    init) and zero ``biases``, the inner LayerNorm ``ln_weight`` (ones) and ``ln_bias`` (zeros)."""
+    dv = head_dim if value_dim is None else value_dim
+    ws = init_weights(key, heads, head_dim, dv, depth=depth, expansion=expansion)
+    return {"weights": ws, "biases": tuple(jnp.zeros((heads, w.shape[-1]), jnp.float32) for w in ws),
+            "ln_weight": jnp.ones((heads, dv), jnp.float32), "ln_bias": jnp.zeros((heads, dv), jnp.float32)}
+
+
 def init_state(
     batch: int, heads: int, head_dim: int, value_dim: int | None = None, *,
     weights: Sequence[Array] | None = None, biases: Sequence[Array] | None = None, depth: int = 1,

@@ -181,7 +181,7 @@ class Block(nnx.Module):
 def build_blocks(
     *, d_model: int, num_layers: int, num_heads: int, mixers: Any, num_kv_heads: int | None,
     head_dim: int | None, mlp: str | None, mlp_ratio: float, short_conv: int, rope: bool,
-    dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+    dtype: Any, param_dtype: Any, rngs: nnx.Rngs, rope_scaling: Any = None,
 ) -> nnx.List:
     """Validates the shared block arguments and builds the stack of :class:`Block` s."""
     for name, x in (("d_model", d_model), ("num_layers", num_layers), ("num_heads", num_heads)):
@@ -197,8 +197,12 @@ def build_blocks(
         raise ValueError(f"mlp_ratio must be > 0; got {mlp_ratio!r}")
     specs = mixer_specs(mixers, num_layers)
     hidden = int(round(mlp_ratio * d_model))
+    if rope_scaling is not None and not rope:
+        raise ValueError("rope_scaling needs rotary positions (pos='rope')")
     defaults = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rope=rope,
                     dtype=dtype, param_dtype=param_dtype)
+    if rope_scaling is not None:
+        defaults["rope_scaling"] = rope_scaling
     blocks = []
     for i, spec in enumerate(specs):
         mixer = build_mixer(spec, d_model, rngs=rngs, name=f"mixers[{i}]", **defaults)
@@ -228,6 +232,10 @@ class DecoderLM(nnx.Module):
       short_conv: width of a causal depthwise conv applied before each mixer (0 = off).
       pos: ``"rope"`` (rotary, in the attention mixers), ``"learned"`` (``[max_len, d_model]``
         added to the embeddings) or ``"none"``.
+      rope_scaling: RoPE length-extrapolation scaling of every attention mixer
+        (:class:`zoo.attention.rope.RopeScaling` or a dict, e.g. ``{"kind": "yarn", "factor": 4,
+        "original_max_len": 256}``; needs ``pos="rope"``); parameter-free kinds can be set after
+        training (a new model with the same parameters), ``clex`` adds ODE parameters.
       max_len: longest sequence (learned positions; default decoding capacity).
       tie_embeddings: output logits ``h E^T`` with the input embedding ``E``; else a separate
         ``[d_model, vocab]`` head.
@@ -251,6 +259,7 @@ class DecoderLM(nnx.Module):
         mlp_ratio: float = 4,
         short_conv: int = 0,
         pos: str = "rope",
+        rope_scaling: Any = None,
         max_len: int = 2048,
         tie_embeddings: bool = True,
         dtype: Any = None,
@@ -266,6 +275,7 @@ class DecoderLM(nnx.Module):
             d_model=d_model, num_layers=num_layers, num_heads=num_heads, mixers=mixers,
             num_kv_heads=num_kv_heads, head_dim=head_dim, mlp=mlp, mlp_ratio=mlp_ratio,
             short_conv=short_conv, rope=pos == "rope", dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            rope_scaling=rope_scaling,
         )
         self.embed = Embed(vocab_size, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if pos == "learned":

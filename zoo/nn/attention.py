@@ -59,8 +59,10 @@ from flax import nnx
 
 import zoo.attention as za
 from zoo.attention import feature_maps as fmaps
+from zoo.attention import rope as rope_lib
 from zoo.attention.common import as_int, check_float, concrete, shape_str
 from zoo.attention.registry import keyword_params
+from zoo.attention.softmax import write as kv_write
 from zoo.nn.diagnostics import attention_entropy, attention_weights, capturing, sink_scores
 from zoo.nn.layers import RMSNorm, apply_rope, axes, cast, normal_init, param
 
@@ -192,6 +194,20 @@ class MultiHeadAttention(nnx.Module):
       head_dim: ``D`` (default ``qkv_features // H``).
       qk_norm: RMS-normalise q and k over ``head_dim`` (learned scale) before RoPE.
       rope: ``True`` (base ``rope_theta``) or a float base: rotary embeddings on q and k.
+      rope_scaling: a length-extrapolation scaling of the rotary frequencies
+        (:class:`zoo.attention.rope.RopeScaling` or a dict with its keys: ``{"kind": "yarn",
+        "factor": 4, "original_max_len": 256}``; needs ``rope``). Its logit scale (YaRN's
+        ``mscale^2``, log-n factors of ``entropy_abf`` / ``logn``) multiplies q. ``kind="clex"``
+        makes the ODE weights ``clex_up``/``clex_down`` parameters (CLEX init: equal to NTK).
+        ``dynamic=True`` (``ntk``, ``clex``) recomputes the frequencies from the current length
+        ``n`` (the forward's length; ``position + T`` in :meth:`prefill` / :meth:`decode_step`);
+        the KV cache then holds keys *before* RoPE, rotated at every call with the current
+        frequencies, so decoding equals the forward at every length (HF's dynamic NTK keeps the
+        old rotations in its cache and does not). A prefill of a prompt longer than
+        ``original_max_len`` therefore equals the forward over the whole prefix, not ``T`` decode
+        steps (each of which sees its own length). This holds per layer: in a stack, past
+        ``original_max_len`` the forward recomputes every earlier token's hidden state with the
+        new length's frequencies, which a cache of earlier steps cannot.
       output_gate: sigmoid gate on the attention output per head and channel.
       use_bias: biases on the projections.
       sink: a learned per-head sink logit (zeros at init) passed as ``sink_logit`` (transforms
@@ -235,6 +251,7 @@ class MultiHeadAttention(nnx.Module):
         qk_norm: bool = False,
         rope: bool | float = False,
         rope_theta: float = 10_000.0,
+        rope_scaling: Any = None,
         output_gate: bool = False,
         use_bias: bool = False,
         sink: bool = False,
@@ -269,6 +286,14 @@ class MultiHeadAttention(nnx.Module):
             rope_theta, rope = float(rope), True
         if rope and head_dim % 2:
             raise ValueError(f"rope needs an even head_dim; got {head_dim}")
+        try:
+            scaling = rope_lib.as_scaling(rope_scaling)
+            if scaling is not None:
+                rope_lib.rope_frequencies(head_dim, theta=float(rope_theta), scaling=scaling)
+        except ValueError as e:
+            raise ValueError(f"rope_scaling: {e}") from None
+        if scaling is not None and not rope:
+            raise ValueError("rope_scaling needs rotary embeddings (rope=True or a float base)")
 
         t = resolve_transform(transform)
         if not t.gqa and kvh != num_heads:
@@ -291,6 +316,7 @@ class MultiHeadAttention(nnx.Module):
         self.in_features, self.num_heads, self.num_kv_heads, self.head_dim = in_features, num_heads, kvh, head_dim
         self.out_features, self.in_kv_features = out_features, in_kv_features
         self.qk_norm, self.rope, self.rope_theta = qk_norm, bool(rope), float(rope_theta)
+        self.rope_scaling = scaling
         self.output_gate, self.use_bias, self.sink, self.dtype = output_gate, use_bias, sink, dtype
         self.tie_feature_map = tie_feature_map
 
@@ -326,6 +352,10 @@ class MultiHeadAttention(nnx.Module):
             self.k_norm = RMSNorm(d, dtype=dtype, param_dtype=pd, axis_name="head_dim", rngs=rngs)
         if sink:
             self.sink_logit = param(rngs, nnx.initializers.zeros, (h,), ("heads",), pd)
+        if scaling is not None and scaling.kind == "clex":
+            init = rope_lib.clex_init(rngs.params(), d, param_factor=scaling.param_factor, dtype=pd)
+            self.clex_up = nnx.Param(init["up"], **axes(None, None))
+            self.clex_down = nnx.Param(init["down"], **axes(None, None))
 
         fm = kw.get("feature_map")
         self.learned_feature_map = (
@@ -338,6 +368,18 @@ class MultiHeadAttention(nnx.Module):
             if not tie_feature_map:
                 self.fm_k_weight = nnx.Param(init["weight"], **axes("heads", None, None))
                 self.fm_k_bias = nnx.Param(init["bias"], **axes("heads", None))
+
+        # The transform's own learned parameters (Transform.init_params), unless given as options.
+        learned = {} if t.init_params is None else {
+            k: v for k, v in t.init_params(rngs.params(), h, d, d, **kw).items() if k not in kw}
+        self._learned_layout = tuple(
+            (k, len(v) if isinstance(v, (tuple, list)) else None) for k, v in sorted(learned.items()))
+        flat = {}
+        for k, v in learned.items():
+            for i, a in enumerate(v) if isinstance(v, (tuple, list)) else [(None, v)]:
+                a = jnp.asarray(a, pd)
+                flat[k if i is None else f"{k}_{i}"] = nnx.Param(a, **axes("heads", *([None] * (a.ndim - 1))))
+        self.transform_params = nnx.Dict(flat)
 
     # ------------------------------------------------------------------ helpers
 
@@ -357,10 +399,18 @@ class MultiHeadAttention(nnx.Module):
             return pq
         return pq, {"weight": self.fm_k_weight[...], "bias": self.fm_k_bias[...]}
 
+    def learned_options(self) -> dict[str, Any]:
+        """The transform's learned parameters (``Transform.init_params``, e.g. TTT's initial inner
+        model) as the options they initialise: arrays, or tuples of arrays."""
+        p = self.transform_params
+        return {k: p[k][...] if n is None else tuple(p[f"{k}_{i}"][...] for i in range(n))
+                for k, n in self._learned_layout}
+
     def options(self, *, for_step: bool = False) -> dict[str, Any]:
         """The keyword options of the transform call (``for_step``: those its ``step`` takes)."""
         opts = {k: (v.value if isinstance(v, _Static) else v) for k, v in self._static_options}
         opts.update({k: v[...] for k, v in self.transform_arrays.items() if not k.startswith("__")})
+        opts.update(self.learned_options())
         fmp = self.feature_map_params()
         if fmp is not None:
             opts["feature_map_params"] = fmp
@@ -380,24 +430,70 @@ class MultiHeadAttention(nnx.Module):
         y = jnp.einsum("bte,ehd->bthd", x.astype(dt), w[...].astype(dt))
         return y + getattr(self, b)[...].astype(dt) if self.use_bias else y
 
-    def _query(self, x: Array, positions: Array) -> Array:
-        """``x [B, T, E]`` -> ``q [B, T, H, D]`` (norm and RoPE applied)."""
+    def _dynamic_rope(self) -> bool:
+        return self.rope_scaling is not None and self.rope_scaling.dynamic
+
+    def inv_freq(self, length: Any = None) -> Array | None:
+        """Rotary inverse frequencies ``[D/2]`` (``[B, D/2]`` for a dynamic scaling with
+        ``length [B]``) at current length ``length`` (dynamic scalings only); None without rope."""
+        if not self.rope:
+            return None
+        params = None
+        if self.rope_scaling is not None and self.rope_scaling.kind == "clex":
+            params = {"up": self.clex_up[...], "down": self.clex_down[...]}
+        return rope_lib.rope_frequencies(self.head_dim, theta=self.rope_theta, scaling=self.rope_scaling,
+                                         length=length, params=params)[0]
+
+    def _query(self, x: Array, positions: Array, inv_freq: Array | None) -> Array:
+        """``x [B, T, E]`` -> ``q [B, T, H, D]`` (norm, RoPE and the scaling's logit scale applied)."""
         q = self._heads(x, self.q_proj, "q_bias")
         if self.qk_norm:
             q = self.q_norm(q)
-        return apply_rope(q, positions, self.rope_theta) if self.rope else q
+        if not self.rope:
+            return q
+        q = apply_rope(q, positions, inv_freq=inv_freq)
+        qs = rope_lib.query_scale(positions, self.rope_scaling)
+        if isinstance(qs, float):
+            return q if qs == 1.0 else (q * qs).astype(q.dtype)
+        return (q * qs[..., None, None]).astype(q.dtype)
 
-    def _keys_values(self, c: Array, positions: Array) -> tuple[Array, Array]:
-        """``c [B, S, E_kv]`` -> ``k, v [B, S, Hkv, D]`` (norm and RoPE on k)."""
+    def _keys_values(self, c: Array, positions: Array, inv_freq: Array | None) -> tuple[Array, Array]:
+        """``c [B, S, E_kv]`` -> ``k, v [B, S, Hkv, D]`` (norm and RoPE on k; none when
+        ``inv_freq`` is None)."""
         k = self._heads(c, self.k_proj, "k_bias")
         v = self._heads(c, self.v_proj, "v_bias")
         if self.qk_norm:
             k = self.k_norm(k)
-        return (apply_rope(k, positions, self.rope_theta) if self.rope else k), v
+        return (apply_rope(k, positions, inv_freq=inv_freq) if inv_freq is not None else k), v
 
-    def _project(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+    def _project(self, x: Array, positions: Array, inv_freq: Array | None) -> tuple[Array, Array, Array]:
         """Self-attention projections: q ``[B, T, H, D]``, k, v ``[B, T, Hkv, D]``."""
-        return (self._query(x, positions), *self._keys_values(x, positions))
+        return (self._query(x, positions, inv_freq), *self._keys_values(x, positions, inv_freq))
+
+    def _decode_dynamic(self, x: Array, state: Any, position: Any, *, one: bool) -> tuple[Array, Any]:
+        """Prefill (``one=False``) or one step under a dynamic rope scaling: frequencies of the
+        current length ``position + T``; the cache keeps keys before RoPE and they are rotated at
+        their absolute positions with the current frequencies for this call."""
+        t = self.transform
+        if not isinstance(state, za.KVCache):
+            raise ValueError(f"rope_scaling with dynamic=True decodes on a KV cache (softmax family); "
+                             f"transform {t.name!r} has state {type(state).__name__}")
+        length = x.shape[1]
+        positions = positions_from(position, length)
+        pos0 = jnp.asarray(position, jnp.int32)
+        inv = self.inv_freq(pos0 + length)
+        q = self._query(x, positions, inv)
+        k_raw, v = self._keys_values(x, positions, None)
+        k = apply_rope(k_raw, positions, inv_freq=inv)
+        cached = state._replace(k=apply_rope(state.k, state.pos + (pos0 - state.length)[..., None], inv_freq=inv))
+        opts = self.options()
+        if one:
+            y, _ = t.step(cached, q[:, 0], k[:, 0], v[:, 0], **opts)
+            y = y[:, None]
+        else:
+            y, _ = t.prefill(cached, q, k, v, **opts)
+        new = kv_write(state, k_raw, v, num_sink_tokens=opts.get("num_sink_tokens") or 0)
+        return y, new
 
     def _output(self, x: Array, y: Array) -> Array:
         """Gate and output projection: ``y [B, T, H, D]`` -> ``[B, T, E_out]``."""
@@ -427,13 +523,15 @@ class MultiHeadAttention(nnx.Module):
         t = self.transform
         t.check_causal(causal)
         positions = jnp.arange(x.shape[1])
+        length = x.shape[1] if context is None else max(x.shape[1], context.shape[1])
+        inv = self.inv_freq(length)
         if context is None:
             if self.in_kv_features != self.in_features:
                 raise ValueError(
                     f"context: in_kv_features={self.in_kv_features} != in_features={self.in_features}, "
                     "so this module needs a context (cross-attention)"
                 )
-            q, k, v = self._project(x, positions)
+            q, k, v = self._project(x, positions, inv)
         else:
             check_input("context", context, self.in_kv_features)
             if context.shape[0] != x.shape[0]:
@@ -444,8 +542,8 @@ class MultiHeadAttention(nnx.Module):
                     f"length ({context.shape[1]}) to equal x's ({x.shape[1]}); pass causal=False for full "
                     "cross-attention"
                 )
-            q = self._query(x, positions)
-            k, v = self._keys_values(context, jnp.arange(context.shape[1]))
+            q = self._query(x, positions, inv)
+            k, v = self._keys_values(context, jnp.arange(context.shape[1]), inv)
         opts = self.options()
         if mask is not None:
             if "mask" not in t.option_names:
@@ -489,7 +587,10 @@ class MultiHeadAttention(nnx.Module):
         t = self.transform
         positions = positions_from(position, x.shape[1])
         check_kv_capacity(state, x.shape[1], position, streaming=self._streaming(), what="prefill")
-        q, k, v = self._project(x, positions)
+        if self._dynamic_rope():
+            y, state = self._decode_dynamic(x, state, position, one=False)
+            return self._output(x, y), state
+        q, k, v = self._project(x, positions, self.inv_freq())
         y, state = t.prefill(state, q, k, v, **self.options())
         return self._output(x, y), state
 
@@ -501,7 +602,10 @@ class MultiHeadAttention(nnx.Module):
         positions = positions_from(position, 1)
         check_kv_capacity(state, 1, position, streaming=self._streaming(), what="decode_step")
         x = x_t[:, None]
-        q, k, v = self._project(x, positions)
+        if self._dynamic_rope():
+            y, state = self._decode_dynamic(x, state, position, one=True)
+            return self._output(x, y)[:, 0], state
+        q, k, v = self._project(x, positions, self.inv_freq())
         y, state = t.step(state, q[:, 0], k[:, 0], v[:, 0], **self.options())
         return self._output(x, y[:, None])[:, 0], state
 
@@ -509,11 +613,11 @@ class MultiHeadAttention(nnx.Module):
 # ----------------------------------------------------------------------------- mixer registry
 
 # Model-level defaults that build_mixer passes to a factory naming them.
-MODEL_DEFAULTS = ("num_heads", "num_kv_heads", "head_dim", "rope", "dtype", "param_dtype")
+MODEL_DEFAULTS = ("num_heads", "num_kv_heads", "head_dim", "rope", "rope_scaling", "dtype", "param_dtype")
 # MultiHeadAttention arguments a mixer spec may set (every other key is a transform option).
 MHA_ARGUMENTS = frozenset({
     "num_heads", "qkv_features", "out_features", "num_kv_heads", "in_kv_features", "transform", "transform_kwargs",
-    "head_dim", "qk_norm", "rope", "rope_theta", "output_gate", "use_bias", "sink", "tie_feature_map",
+    "head_dim", "qk_norm", "rope", "rope_theta", "rope_scaling", "output_gate", "use_bias", "sink", "tie_feature_map",
     "dtype", "param_dtype",
 })
 
@@ -623,7 +727,7 @@ def split_attention_kwargs(kw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
 def attention_mixer(
     d_model: int, *, rngs: nnx.Rngs, num_heads: int, transform: Any = "softmax",
     transform_kwargs: Mapping[str, Any] | None = None, num_kv_heads: int | None = None,
-    head_dim: int | None = None, rope: bool | float = False, dtype: Any = None,
+    head_dim: int | None = None, rope: bool | float = False, rope_scaling: Any = None, dtype: Any = None,
     param_dtype: Any = jnp.float32, **kw: Any,
 ) -> MultiHeadAttention:
     """Factory of :class:`MultiHeadAttention` (mixer ``"attention"`` and every transform name):
@@ -632,7 +736,8 @@ def attention_mixer(
     mha, opts = split_attention_kwargs({**kw, "transform_kwargs": transform_kwargs})
     return MultiHeadAttention(
         num_heads, d_model, num_kv_heads=num_kv_heads, transform=transform, transform_kwargs=opts,
-        head_dim=head_dim, rope=rope, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **mha,
+        head_dim=head_dim, rope=rope, rope_scaling=rope_scaling, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        **mha,
     )
 
 

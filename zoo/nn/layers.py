@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as core_spmd
 
+from zoo.attention import rope as _rope
+
 Array = jax.Array
 AXES = ("embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
 Names = Sequence[str | None]
@@ -242,30 +244,22 @@ class ShortConv(nnx.Module):
 
 
 def rope_frequencies(head_dim: int, theta: float = 10_000.0) -> Array:
-    """Rotary inverse frequencies ``theta^(-2i/head_dim)``, ``i < head_dim/2`` (float32)."""
-    if head_dim % 2:
-        raise ValueError(f"rotary embeddings need an even head_dim; got {head_dim}")
-    return theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    """Rotary inverse frequencies ``theta^(-2i/head_dim)``, ``i < head_dim/2`` (float32): the
+    unscaled case of :func:`zoo.attention.rope.rope_frequencies` (which also takes a
+    ``scaling`` and returns the logit scale)."""
+    return _rope.rope_frequencies(head_dim, theta=theta)[0]
 
 
-def apply_rope(x: Array, positions: Array, theta: float = 10_000.0) -> Array:
+def apply_rope(x: Array, positions: Array, theta: float = 10_000.0, *, inv_freq: Array | None = None) -> Array:
     """Rotary position embedding (Su et al. 2021, "RoFormer"), split-half (GPT-NeoX) layout.
 
     ``x [batch, length, heads, head_dim]``; ``positions`` int ``[length]``, ``[batch, length]`` or
     a scalar (broadcast). Pairs ``(x_i, x_{i + D/2})`` are rotated by angle ``pos * theta^(-2i/D)``
     (computed in float32), so ``rope(q, m) . rope(k, n)`` depends only on ``m - n``. Returns
-    ``x``'s shape and dtype.
+    ``x``'s shape and dtype. ``inv_freq`` (e.g. a scaled one from
+    :func:`zoo.attention.rope.rope_frequencies`) replaces ``theta``'s frequencies; this is
+    :func:`zoo.attention.rope.apply_rope`.
     """
-    d = x.shape[-1]
-    freqs = rope_frequencies(d, theta)
-    pos = jnp.asarray(positions, jnp.float32)
-    if pos.ndim == 0:
-        pos = pos[None]
-    ang = pos[..., None] * freqs  # [..., T, D/2]
-    if ang.ndim == 2:
-        ang = ang[None]
-    cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
-    xf = x.astype(jnp.float32)
-    x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    if inv_freq is None:
+        inv_freq = rope_frequencies(x.shape[-1], theta)
+    return _rope.apply_rope(x, positions, inv_freq)
