@@ -10,10 +10,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from zoo.attention import common, feature_maps, rope
+from zoo.attention import blockwise, common, feature_maps, rope
 from zoo.attention.aaren import AarenState, aaren, aaren_naive
 from zoo.attention.aaren import init_state as aaren_init_state
 from zoo.attention.aaren import step as aaren_step
+from zoo.attention.blockwise import BlockSizes
 from zoo.attention.flow import FlowState, flow, flow_naive
 from zoo.attention.flow import init_state as flow_init_state
 from zoo.attention.flow import step as flow_step
@@ -74,12 +75,14 @@ from zoo.attention.ttt import step as ttt_step
 _kv = dict(init_state_fn=softmax_init_state, prefill_fn=softmax_prefill, cache="kv",
            decode_only={"num_sink_tokens"})
 register(Transform(
-    "softmax", softmax, softmax_naive, step_fn=softmax_step, parallel_only={"bias"}, **_kv,
+    "softmax", softmax, softmax_naive, step_fn=softmax_step, parallel_only={"bias", "segment_ids"}, **_kv,
+    impl_family="softmax",
     example_options=lambda h, d: {"sink_logit": jnp.linspace(-1.0, 1.0, h)},
     description="scaled dot-product softmax attention (sinks, window, log-n scaling options)",
 ))
 register(Transform(
-    "sliding_window", sliding_window, softmax_naive, step_fn=softmax_step, parallel_only={"bias"},
+    "sliding_window", sliding_window, softmax_naive, step_fn=softmax_step, parallel_only={"bias", "segment_ids"},
+    impl_family="softmax",
     causal_only=True, defaults={"window": 256}, example_options=lambda h, d: {"window": 3}, **_kv,
     description="causal sliding-window softmax attention (window=256 by default)",
 ))
@@ -87,6 +90,7 @@ register(Transform(
     "sigmoid", sigmoid, sigmoid_naive, init_state_fn=softmax_init_state,
     prefill_fn=functools.partial(softmax_prefill, variant="sigmoid"), decode_only={"num_sink_tokens"},
     step_fn=functools.partial(softmax_step, variant="sigmoid"), cache="kv", step_exact={"bias"},
+    parallel_only={"segment_ids"}, impl_family="softmax",
     example_options=lambda h, d: {"bias": -1.5},
     description="sigmoid attention, bias -log n, no normalisation",
 ))
@@ -94,6 +98,7 @@ register(Transform(
     "softplus", softplus, softplus_naive, init_state_fn=softmax_init_state,
     prefill_fn=functools.partial(softmax_prefill, variant="softplus"), decode_only={"num_sink_tokens"},
     step_fn=functools.partial(softmax_step, variant="softplus"), cache="kv",
+    parallel_only={"segment_ids"}, impl_family="softmax",
     description="length-scaled softplus attention (LSSA; reweight=True for LSSAR)",
 ))
 register(Transform(
@@ -189,6 +194,7 @@ __all__ = [
     "softmax_prefill", "softmax_step", "softplus", "softplus_naive",
     "MemoryState", "memora", "memory_init_state", "miras", "miras_naive", "miras_step", "moneta",
     "titans", "titans_naive", "titans_step", "yaad",
+    "BlockSizes", "blockwise",
     "RopeScaling", "rope",
     "TTTState", "ttt", "ttt_init_state", "ttt_linear", "ttt_mlp", "ttt_naive", "ttt_step",
 ]
