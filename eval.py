@@ -2,9 +2,19 @@
 
     python eval.py --workdir=runs/mqar            # one run
     python eval.py --workdir=runs/mqar_sweep      # every run of a sweep, compared
+    python eval.py --workdir=runs/mqar --step=500 --out=/tmp/mqar_eval
 
 Length-extrapolation splits (``test_len{L}``), value-range splits (``test_c{c}``) and context
-splits (``test_ctx{n}``) are plotted against L / c / n, one line per run (mechanism).
+splits (``test_ctx{n}``) are plotted against L / c / n, one line per run (mechanism), with the
+``test`` split at the training value (from the resolved task, defaults included). A sweep whose
+runs differ in learning rate also gets the best learning rate per mechanism and width
+(``best_learning_rates.json``, chosen on the ``test`` split, as zoology reports).
+
+Results go to ``--out``, by default the run directory; a read-only run directory is evaluated
+all the same and the results go to ``./eval_<name>`` (one line says so). Exit status 2 with one
+``config error:`` line for a bad flag, an unwritable ``--out``, a ``--step`` that is not a
+checkpoint (the line lists those there are) or no readable checkpoint; an unreadable newest
+checkpoint is reported in one line and the newest readable one is used.
 """
 
 import json
@@ -15,11 +25,13 @@ import sys
 from absl import app, flags, logging
 
 from zoo import run
+from zoo.checkpoint import CheckpointError, one_line
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A run directory or a sweep directory of runs.", required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A run directory or a sweep directory of runs.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable).")
 _SPLITS = flags.DEFINE_list("splits", None, "Splits to evaluate (default: the config's eval.splits).")
-_OUT = flags.DEFINE_string("out", None, "Where to write results.json and plots (default: workdir).")
+_OUT = flags.DEFINE_string("out", None, "Where to write results.json and plots (default: workdir, or "
+                                        "./eval_<name> when workdir is read-only).")
 
 
 def split_x(split: str, seq_len: int) -> tuple[str, float] | None:
@@ -34,6 +46,18 @@ def split_x(split: str, seq_len: int) -> tuple[str, float] | None:
     return None
 
 
+def train_x(r: dict, axis: str) -> float | None:
+    """Where the ``test`` split (the training distribution) sits on a sweep axis."""
+    params = r.get("task_params") or {}
+    if axis == "sequence length":
+        return float(r["seq_len"]) if r.get("seq_len") else None
+    if axis == "value range c":
+        return 1.0
+    if axis == "context examples":
+        return float(params["num_context"]) if "num_context" in params else None
+    return None
+
+
 def plot(results: dict, out: pathlib.Path) -> list[str]:
     import matplotlib
 
@@ -43,17 +67,19 @@ def plot(results: dict, out: pathlib.Path) -> list[str]:
     written = []
     by_axis: dict[str, dict[str, list]] = {}
     for name, r in results.items():
+        axes = {sx[0] for s in r["splits"] if (sx := split_x(s, 0))}
         for split, m in r["splits"].items():
-            sx = split_x(split, r.get("seq_len", 0))
-            if split == "test" and r.get("seq_len"):
-                label = "sequence length" if any("test_len" in s for s in r["splits"]) else None
-                sx = (label, float(r["seq_len"]) if label == "sequence length" else 1.0) if label else None
-                if sx is None and any("test_c" in s for s in r["splits"]):
-                    sx = ("value range c", 1.0)
-            if sx is None:
+            if not m:
                 continue
             metric = "accuracy" if "accuracy" in m else "loss"
-            by_axis.setdefault(f"{sx[0]}|{metric}", {}).setdefault(name, []).append((sx[1], m[metric]))
+            if split == "test":
+                pts = [(a, train_x(r, a)) for a in axes]
+            else:
+                sx = split_x(split, 0)
+                pts = [sx] if sx else []
+            for axis, x in pts:
+                if x is not None:
+                    by_axis.setdefault(f"{axis}|{metric}", {}).setdefault(name, []).append((x, m[metric]))
     for key, lines in by_axis.items():
         axis, metric = key.split("|")
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -63,6 +89,8 @@ def plot(results: dict, out: pathlib.Path) -> list[str]:
         ax.set_xscale("log", base=2)
         if metric == "loss":
             ax.set_yscale("log")
+        else:
+            ax.set_ylim(0.0, 1.0)  # accuracy: always the whole range, so curves compare across plots
         ax.set_xlabel(axis)
         ax.set_ylabel(metric if metric == "accuracy" else "test loss (MSE / cross-entropy)")
         ax.grid(True, alpha=0.3)
@@ -106,21 +134,24 @@ def plot_entropy(results: dict, out: pathlib.Path) -> str | None:
     runs = {n: r["attention_entropy"] for n, r in results.items() if r.get("attention_entropy")}
     if not runs:
         return None
+    values = [v for ent in runs.values() for heads in ent.values() for v in heads]
+    vmin, vmax = min(values), max(values)  # one colour scale for every panel: comparable across runs
     fig, axes = plt.subplots(1, len(runs), figsize=(max(5.0, 3.2 * len(runs)), 3.6), squeeze=False)
+    im = None
     for ax, (name, ent) in zip(axes[0], sorted(runs.items())):
         layers = list(ent)
         grid = [ent[layer] for layer in layers]
         width = max(len(g) for g in grid)
         arr = [g + [float("nan")] * (width - len(g)) for g in grid]
-        im = ax.imshow(arr, aspect="auto", cmap="viridis")
+        im = ax.imshow(arr, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
         ax.set_title(name)
         ax.set_xlabel("head")
         ax.set_xticks(range(width), [str(i) for i in range(width)])
         ax.set_ylabel("layer")
         ax.set_yticks(range(len(layers)), [str(i) for i in range(len(layers))])
-        fig.colorbar(im, ax=ax, label="entropy (nats)")
     fig.suptitle("attention entropy per head (one test batch)")
     fig.tight_layout()
+    fig.colorbar(im, ax=list(axes[0]), label="entropy (nats), shared scale")
     path = out / "attention_entropy_per_head.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -146,35 +177,95 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def best_learning_rates(results: dict) -> list[dict]:
+    """Per (mechanism, width): the run with the best ``test`` metric (highest accuracy, else
+    lowest loss) and its learning rate; only where the runs of that group differ in learning
+    rate (a zoology-style grid)."""
+    groups: dict[tuple, list] = {}
+    for name, r in results.items():
+        cfg, m = r.get("config") or {}, r["splits"].get("test") or {}
+        if not m:
+            continue
+        mixer = r["mixer"] if isinstance(r["mixer"], str) else "/".join(map(str, r["mixer"] or []))
+        key = (mixer, cfg.get("model", {}).get("d_model"))
+        groups.setdefault(key, []).append((name, cfg.get("optim", {}).get("learning_rate"), m))
+    out = []
+    for (mixer, width), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        if len({lr for _, lr, _ in runs}) < 2:
+            continue
+        metric = "accuracy" if all("accuracy" in m for _, _, m in runs) else "loss"
+        pick = max if metric == "accuracy" else min
+        name, lr, m = pick(runs, key=lambda t: t[2][metric])
+        out.append({"mixer": mixer, "d_model": width, "learning_rate": lr, "run": name, "metric": metric,
+                    "test": m[metric], "tried": sorted(lr for _, lr, _ in runs)})
+    return out
+
+
+def output_dir(workdir: pathlib.Path, out: str | None) -> pathlib.Path:
+    """``--out`` (must be writable), else the run directory, else (read-only run) ./eval_<name>."""
+    if out:
+        return run.prepare_dir(pathlib.Path(out), "--out")
+    try:
+        return run.prepare_dir(workdir, "--workdir")
+    except run.ConfigError:
+        alt = pathlib.Path.cwd() / f"eval_{workdir.resolve().name}"
+        run.prepare_dir(alt, "the fallback output directory (give --out)")
+        print(f"note: {workdir} is not writable; writing results to {alt} (choose with --out)", file=sys.stderr,
+              flush=True)
+        return alt
+
+
 def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    dirs = run.run_dirs(_WORKDIR.value)
-    if not dirs:
-        print(f"no run (a directory with checkpoints/) in {_WORKDIR.value}", file=sys.stderr)
+    if len(argv) > 1:
+        print(f"config error: unexpected arguments {argv[1:]} (flags are --name=value)", file=sys.stderr)
         sys.exit(2)
-    out = pathlib.Path(_OUT.value or _WORKDIR.value)
-    out.mkdir(parents=True, exist_ok=True)
+    logging.set_verbosity(logging.ERROR)  # orbax notes read-only checkpoint directories at WARNING
     results = {}
     try:
+        if not _WORKDIR.value:
+            raise run.ConfigError("--workdir is required (a run directory or a sweep directory)")
+        workdir = pathlib.Path(_WORKDIR.value)
+        dirs = run.run_dirs(workdir)
+        if not dirs:
+            raise run.ConfigError(f"--workdir={_WORKDIR.value}: no run (a directory with checkpoints/) there")
+        out = output_dir(workdir, _OUT.value)  # before evaluating: an unwritable --out fails fast
         for d in dirs:
             r = run.evaluate(d, step=_STEP.value, splits=_SPLITS.value)
             model = r.pop("model")
             sources = r.pop("sources")
             r["attention_entropy"] = attention_entropy(model, sources["test"])
-            r["seq_len"] = json.loads((d / "config.json").read_text())["task"]["params"].get("seq_len") \
-                if (d / "config.json").exists() else None
             results[d.name] = r
-    except run.ConfigError as e:
+        best = best_learning_rates(results)
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        if best:
+            (out / "best_learning_rates.json").write_text(json.dumps(best, indent=2))
+        plots = plot(results, out)
+        ent_plot = plot_entropy(results, out)
+    except (run.ConfigError, CheckpointError) as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    plots = plot(results, out)
-    ent_plot = plot_entropy(results, out)
+    except OSError as e:  # e.g. the filesystem turned read-only or full while writing
+        print(f"config error: cannot write the results ({one_line(e)})", file=sys.stderr)
+        sys.exit(2)
     plots += [ent_plot] if ent_plot else []
     print(table(results))
+    if best:
+        print("\nbest learning rate per mechanism and width (test split):")
+        print("| mixer | d_model | learning rate | test | run |\n|---|---|---|---|---|")
+        for b in best:
+            print(f"| {b['mixer']} | {b['d_model']} | {b['learning_rate']:g} | {b['test']:.4g} ({b['metric']}) | "
+                  f"{b['run']} |")
     print(f"\nwrote {out / 'results.json'}" + "".join(f"\nwrote {p}" for p in plots))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with a bad flag as one ``config error:`` line and exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"config error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

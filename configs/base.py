@@ -1,8 +1,13 @@
 """Base config: every experiment file starts from ``get_config()`` here and overrides a few keys.
 
 Loaded by ``train.py`` / ``eval.py`` with ``ml_collections.config_flags``; any key can be
-overridden on the command line (``--config.model.mixer=flow``). Unknown keys are an error.
+overridden on the command line (``--config.model.mixer=flow``). Unknown keys are an error, except
+under ``task.params`` (any parameter the task declares: ``zoo.data.get_task(name).params``) and
+``model.mixer_options`` (any option of the mixer: MultiHeadAttention arguments or the
+transform's options), where new names may be given and are checked against those lists.
 """
+
+import itertools
 
 import ml_collections
 
@@ -15,12 +20,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.task.name = "mqar"
     c.task.data_dir = "~/.cache/zoo/tfds"  # generated tasks are built here once (array_record)
     c.task.data_seed = 0  # seed of the generated data (the training seed is c.seed)
-    c.task.params = ml_collections.ConfigDict()  # task parameters (zoo.data.get_task(name).params)
+    c.task.params = ml_collections.ConfigDict()  # task parameters (zoo.data.get_task(name).params); unset = default
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "decoder_lm"
     c.model.mixer = "softmax"  # a zoo.attention registry name (or a per-layer list)
-    c.model.mixer_options = ml_collections.ConfigDict()  # MultiHeadAttention kwargs for every layer
+    c.model.mixer_options = ml_collections.ConfigDict()  # every layer's mixer options (e.g. window=8)
     c.model.d_model = 64
     c.model.num_layers = 2
     c.model.num_heads = 1
@@ -70,3 +75,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 64
     c.eval.max_batches = 16
     return c
+
+
+def model_config(name: str, **kwargs) -> ml_collections.ConfigDict:
+    """A ``model`` section for a model other than ``decoder_lm`` (its own constructor arguments;
+    ``train_lib.build_model`` rejects a key the model does not take)."""
+    return ml_collections.ConfigDict({"name": name, **kwargs})
+
+
+def product_sweep(*axes: dict) -> dict:
+    """The product grid of sweep axes, each ``{label: overrides}``: one entry per combination,
+    named by its labels joined with ``-`` (``softmax-d64-lr3e-03``), overrides merged, e.g.
+    ``product_sweep(mixers, {f"d{d}": {"model.d_model": d} for d in (32, 64)}, lrs)``."""
+    out = {}
+    for combo in itertools.product(*(list(a.items()) for a in axes)):
+        name = "-".join(label for label, _ in combo)
+        merged = {}
+        for _, overrides in combo:
+            merged.update(overrides)
+        out[name] = merged
+    return out

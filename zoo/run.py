@@ -1,15 +1,22 @@
 """The training and evaluation loops behind ``train.py`` and ``eval.py`` (config in, files out).
 
-``train(config, workdir)``: builds the task data (``zoo.data``), the model, the mesh and the
-optimizer; resumes from the latest checkpoint in ``workdir`` if there is one; trains with a
-progress bar; writes ``metrics.jsonl`` (one JSON object per log/eval event) and orbax
-checkpoints (state + data-iterator state + config) every ``train.checkpoint_every`` steps, at
-the end and on SIGTERM. Same config and seed give the same numbers; a run killed at any point
-resumes from its last checkpoint and ends with the same parameters and metrics as an
-uninterrupted one.
+``train(config, workdir)``: validates the config (task parameters, model arguments, mixer
+options, and one training step traced abstractly with ``jax.eval_shape``, so a bad value is a
+:class:`ConfigError` before anything is written), builds the task data (``zoo.data``), the model,
+the mesh and the optimizer; resumes from the newest readable checkpoint in ``workdir`` (an
+unreadable newer one is reported in one line and moved to ``workdir/checkpoints_unreadable``);
+trains with a progress bar; writes ``metrics.jsonl`` (one JSON object per log/eval event) and
+orbax checkpoints (state + data-iterator state + the metrics accumulated since the last log +
+config) every ``train.checkpoint_every`` steps, at the end and on SIGTERM. Same config and seed
+give the same numbers; a run killed (SIGKILL) or preempted (SIGTERM) at any point resumes and
+ends with the same parameters and metrics as an uninterrupted one.
 
-``evaluate(workdir)``: restores a run (config + checkpoint) and computes the task metrics on
-every split in ``eval.splits`` (length / value-range sweeps are splits of the task).
+``tokens_per_s`` in the train records excludes the first step of each process (compilation),
+whose time is ``compile_s`` in the first train record written by that process.
+
+``evaluate(workdir)``: restores a run (config + newest readable checkpoint) and computes the
+task metrics on every split in ``eval.splits`` (length / value-range sweeps are splits of the
+task).
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ from flax import nnx
 import zoo.models  # noqa: F401  (registers the model-level mixers: titans_mac, ...)
 from zoo import data as zdata
 from zoo import sharding, train_lib
-from zoo.checkpoint import Checkpointer
+from zoo.checkpoint import Checkpointer, CheckpointError, one_line
 from zoo.nn import check_mixer_spec
+
+PREEMPTED_EXIT_CODE = 143  # train.py's exit status after SIGTERM (128 + 15, as a shell reports it)
 
 
 class ConfigError(ValueError):
-    """A bad config value: reported as one line by train.py / eval.py."""
+    """A bad config value, path or permission: reported as one line by train.py / eval.py (exit 2)."""
 
 
 def config_to_dict(config: Any) -> dict:
@@ -49,6 +58,10 @@ def _check_mixers(model_cfg: dict) -> None:
     ``zoo.attention.get(name).check_options``)."""
     if model_cfg.get("mixer") is None:
         return
+    if model_cfg.get("name", "decoder_lm") not in train_lib.LAYERED_MIXERS:  # one attention transform
+        check_mixer_spec({"transform": model_cfg["mixer"], **dict(model_cfg.get("mixer_options") or {})},
+                         name="model.mixer")
+        return
     kw = train_lib.model_kwargs({"num_layers": 1, **model_cfg})
     for i, spec in enumerate(kw["mixers"]):
         check_mixer_spec(spec, name="model.mixer" if isinstance(model_cfg["mixer"], str) else f"model.mixer[{i}]")
@@ -59,6 +72,14 @@ def validate(cfg: dict) -> None:
     task = cfg["task"]["name"]
     if task not in zdata.tasks():
         raise ConfigError(f"task.name={task!r} is not a task; valid: {', '.join(zdata.tasks())}")
+    try:
+        split_names = zdata.get_task(task).splits(**dict(cfg["task"]["params"]))
+    except ValueError as e:
+        raise ConfigError(f"task.params: {e}") from None
+    unknown = [sp for sp in cfg["eval"]["splits"] if sp not in split_names]
+    if unknown:
+        raise ConfigError(f"eval.splits {unknown} are not splits of task {task!r}; its splits: "
+                          f"{', '.join(sorted(split_names))}")
     m = cfg["model"]
     if m.get("name", "decoder_lm") not in train_lib.MODELS:
         raise ConfigError(f"model.name={m.get('name')!r} is not valid; valid: {', '.join(sorted(train_lib.MODELS))}")
@@ -80,6 +101,9 @@ def validate(cfg: dict) -> None:
     o = cfg["optim"]
     if not (isinstance(o["learning_rate"], (int, float)) and o["learning_rate"] > 0):
         raise ConfigError(f"optim.learning_rate must be > 0; got {o['learning_rate']!r}")
+    if not (isinstance(o.get("warmup_steps", 0), int) and 0 <= o.get("warmup_steps", 0) < t["steps"]):
+        raise ConfigError(f"optim.warmup_steps ({o.get('warmup_steps')!r}) must be an int in [0, train.steps="
+                          f"{t['steps']})")
 
 
 def _data(cfg: dict) -> zdata.Sources:
@@ -89,9 +113,12 @@ def _data(cfg: dict) -> zdata.Sources:
         return zdata.build(task["name"], data_dir, seed=task.get("data_seed", 0), **dict(task["params"]))
     except ValueError as e:
         raise ConfigError(f"task.params: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"task.data_dir={task['data_dir']!r}: cannot write the generated data "
+                          f"({e.strerror or one_line(e)})") from None
 
 
-def _setup(cfg: dict):
+def _setup(cfg: dict, *, check_step: bool = True):
     validate(cfg)
     sources = _data(cfg)
     spec = sources.spec
@@ -108,9 +135,36 @@ def _setup(cfg: dict):
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {e}") from None
     dtype = jnp.bfloat16 if cfg["train"]["compute_dtype"] == "bfloat16" else jnp.float32
-    tx = train_lib.make_optimizer(cfg["optim"], cfg["train"]["steps"])
+    try:
+        tx = train_lib.make_optimizer(cfg["optim"], cfg["train"]["steps"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     trainer = train_lib.Trainer(nnx.graphdef(model), tx, spec.kind, mesh, rules, dtype, spec.ignore_index or -100)
+    if check_step:
+        _check_step(trainer, model, spec, _per_host_batch(cfg, mesh))
     return sources, spec, model, trainer
+
+
+def abstract_batch(spec: zdata.TaskSpec, batch_size: int) -> dict:
+    """``jax.ShapeDtypeStruct`` s of one training batch of the task (``None`` dims = seq_len)."""
+    return {k: jax.ShapeDtypeStruct((batch_size, *(spec.seq_len if d is None else d for d in shape)), np.dtype(dt))
+            for k, (shape, dt) in spec.features.items()}
+
+
+def _check_step(trainer, model, spec, batch_size: int) -> None:
+    """Traces one training step abstractly (``jax.eval_shape``: no compilation, no FLOPs), so a
+    model that cannot run on this task (a mixer missing a needed option, a shape mismatch) is a
+    one-line ConfigError before any file is written."""
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    to_abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+    state = {"params": jax.tree.map(to_abstract, params), "rest": jax.tree.map(to_abstract, rest),
+             "opt_state": jax.eval_shape(trainer.tx.init, jax.tree.map(to_abstract, params)),
+             "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    try:
+        with jax.set_mesh(trainer.mesh), nnx.logical_axis_rules(trainer.rules):
+            jax.eval_shape(trainer.train_step, state, abstract_batch(spec, batch_size))
+    except (ValueError, TypeError, KeyError, IndexError, NotImplementedError) as e:
+        raise ConfigError(f"model: one training step on task {spec.name!r} fails: {one_line(e)}") from None
 
 
 def _per_host_batch(cfg: dict, mesh) -> int:
@@ -124,13 +178,20 @@ def _per_host_batch(cfg: dict, mesh) -> int:
     return bs // jax.process_count()
 
 
-def _evaluate_split(trainer, eval_step, state, source, batch_size: int, max_batches: int) -> dict:
+def _evaluate_split(trainer, eval_step, state, source, batch_size: int, max_batches: int,
+                    timing: dict | None = None) -> dict:
+    """Task metrics over up to ``max_batches`` batches of ``source``; ``timing`` (if given) gets
+    the tokens and seconds of the batches after the first (the first one compiles)."""
     it = zdata.make_iterator(source, batch_size=min(batch_size, len(source)), seed=0, shuffle=False, num_epochs=1)
     total: dict[str, float] = {}
     for i, batch in enumerate(it):
         if i >= max_batches:
             break
+        t = time.perf_counter()
         m = jax.device_get(eval_step(state, sharding.shard_batch(batch, trainer.mesh, trainer.rules)))
+        if timing is not None and i > 0:
+            timing["seconds"] = timing.get("seconds", 0.0) + time.perf_counter() - t
+            timing["tokens"] = timing.get("tokens", 0) + int(np.prod(batch["inputs"].shape[:2]))
         for k, v in m.items():
             total[k] = total.get(k, 0.0) + float(v)
     return train_lib.summarize(total) if total else {}
@@ -169,12 +230,51 @@ class _Log:
             self.tb.close()
 
 
-def train(config: Any, workdir: str | os.PathLike) -> dict:
-    """Trains (or resumes) the run in ``workdir``; returns the last logged train and eval metrics."""
+def check_dir(path: pathlib.Path, what: str) -> None:
+    """Raises a one-line ConfigError unless ``path`` is (or can be created as) a writable
+    directory; creates nothing (a probe file in the nearest existing ancestor is removed)."""
+    path = pathlib.Path(path).absolute()
+    node = path
+    while not node.exists():
+        if node.parent == node:
+            break
+        node = node.parent
+    if not node.is_dir():
+        if node == path:
+            raise ConfigError(f"{what}={str(path)!r} exists and is not a directory")
+        raise ConfigError(f"{what}={str(path)!r}: {str(node)!r} is a file, not a directory")
+    try:
+        probe = node / f".zoo_write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{what}={str(path)!r} is not writable ({node}: {e.strerror or one_line(e)})") from None
+
+
+def prepare_dir(path: pathlib.Path, what: str) -> pathlib.Path:
+    """Creates ``path`` (and parents) after :func:`check_dir`; any OSError is a ConfigError."""
+    check_dir(path, what)
+    path = pathlib.Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{what}={str(path)!r}: cannot create it ({e.strerror or one_line(e)})") from None
+    return path
+
+
+def train(config: Any, workdir: str | os.PathLike, *, on_step: Any = None) -> dict:
+    """Trains (or resumes) the run in ``workdir``; returns the last logged train and eval metrics,
+    ``state``, ``step`` and ``stopped`` (True when SIGTERM ended it before ``train.steps``: the
+    checkpoint and the pending metrics are saved, the same call resumes).
+
+    Everything is validated (including one abstract training step) before ``workdir`` is
+    created. ``on_step(step)`` is called after every step (a hook for tests and tools).
+    """
     cfg = config_to_dict(config)
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_dir(workdir, "--workdir")
     sources, spec, model, trainer = _setup(cfg)
+    prepare_dir(workdir, "--workdir")
     tcfg = cfg["train"]
     state = trainer.init_state(model)
     del model
@@ -183,8 +283,16 @@ def train(config: Any, workdir: str | os.PathLike) -> dict:
                              seed=cfg["seed"])
     ckpt = Checkpointer(workdir, max_to_keep=tcfg["keep_checkpoints"], save_every=tcfg["checkpoint_every"])
     start = 0
-    if ckpt.latest_step() is not None:
-        state, data_state, _ = ckpt.restore(None, state)
+    carry = {"acc": {}, "nsteps": 0}  # metrics of the steps since the last log record
+    try:
+        restored = ckpt.restore_readable(state, quarantine=workdir / "checkpoints_unreadable")
+    except CheckpointError:
+        ckpt.close()
+        raise
+    if restored is not None:
+        _, state, data_state, _ = restored
+        if isinstance(data_state, dict) and set(data_state) == {"iterator", "pending"}:
+            data_state, carry = data_state["iterator"], data_state["pending"]
         it.set_state(data_state)
         start = int(state["step"])
     log = _Log(workdir / "metrics.jsonl", start)
@@ -199,51 +307,86 @@ def train(config: Any, workdir: str | os.PathLike) -> dict:
 
         bar = tqdm(total=tcfg["steps"], initial=start, desc=workdir.name, dynamic_ncols=True)
     last: dict = {}
+    acc: dict[str, float] = dict(carry["acc"])
+    nsteps = int(carry["nsteps"])
     pending: list = []
-    tokens = nsteps = 0
-    t0 = time.perf_counter()
+    compile_s = None  # the first step of this process: compilation + one step
+    timed_tokens, excluded, t0 = 0, 0.0, 0.0
     step = start
+
+    def fold() -> None:  # device metrics -> host sums, in step order (the same sums after a resume)
+        nonlocal pending
+        for mm in jax.device_get(pending):
+            for k, v in mm.items():
+                acc[k] = acc.get(k, 0.0) + float(v)
+        pending = []
+
+    saved = {"step": start if restored is not None else None}
+
+    def save() -> None:
+        if saved["step"] == step:  # e.g. SIGTERM right after a scheduled save
+            return
+        fold()
+        data = {"iterator": it.get_state(), "pending": {"acc": dict(acc), "nsteps": nsteps}}
+        ckpt.save(step, state, data, cfg, force=True)
+        saved["step"] = step
+
     try:
         while step < tcfg["steps"] and not stop["flag"]:
             batch = next(it)
+            t_step = time.perf_counter()
             state, m = train_step(state, sharding.shard_batch(batch, trainer.mesh, trainer.rules))
             step += 1
             nsteps += 1
-            tokens += int(np.prod(batch["inputs"].shape[:2]))
             pending.append(m)  # fetched at log time only: no host sync per step
+            if compile_s is None:
+                jax.block_until_ready(m)
+                compile_s = time.perf_counter() - t_step
+                t0, excluded, timed_tokens = time.perf_counter(), 0.0, 0
+            else:
+                timed_tokens += int(np.prod(batch["inputs"].shape[:2]))
             if step % tcfg["log_every"] == 0 or step == tcfg["steps"]:
-                acc: dict[str, float] = {}
-                for mm in jax.device_get(pending):
-                    for k, v in mm.items():
-                        acc[k] = acc.get(k, 0.0) + float(v)
-                dt = time.perf_counter() - t0
+                fold()
+                jax.block_until_ready(state["step"])
+                dt = time.perf_counter() - t0 - excluded
                 rec = {"step": step, "split": "train", **train_lib.summarize(acc),
-                       "grad_norm": acc["grad_norm"] / nsteps, "tokens_per_s": tokens / dt}
+                       "grad_norm": acc["grad_norm"] / nsteps,
+                       "tokens_per_s": timed_tokens / dt if timed_tokens and dt > 0 else None}
+                if "compile_s" not in last:
+                    rec["compile_s"] = last["compile_s"] = compile_s
                 log.write(rec)
                 last["train"] = rec
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec.get('accuracy', float('nan')):.3f}",
-                                    tok_s=f"{rec['tokens_per_s']:.0f}")
-                pending, tokens, nsteps, t0 = [], 0, 0, time.perf_counter()
+                                    tok_s=f"{rec['tokens_per_s'] or 0:.0f}")
+                acc, nsteps, timed_tokens, excluded, t0 = {}, 0, 0, 0.0, time.perf_counter()
+            t_other = time.perf_counter()
             if step % tcfg["eval_every"] == 0 or step == tcfg["steps"]:
                 ev = _evaluate_split(trainer, eval_step, state, sources["test"], cfg["eval"]["batch_size"],
                                      tcfg["eval_batches"])
                 rec = {"step": step, "split": "test", **ev}
                 log.write(rec)
                 last["test"] = rec
-            ckpt.save(step, state, it.get_state(), cfg, force=step == tcfg["steps"])
+            if step == tcfg["steps"] or step % tcfg["checkpoint_every"] == 0:
+                save()
+            if on_step is not None:
+                on_step(step)
+            excluded += time.perf_counter() - t_other
             if bar is not None:
                 bar.update(1)
-        if stop["flag"]:
-            ckpt.save(step, state, it.get_state(), cfg, force=True)
+        stopped = stop["flag"] and step < tcfg["steps"]
+        if stopped and step > start:
+            save()
     finally:
         ckpt.close()
         log.close()
         signal.signal(signal.SIGTERM, prev)
         if bar is not None:
             bar.close()
+    last.pop("compile_s", None)
     last["state"] = state
-    last["stopped"] = stop["flag"]  # SIGTERM: the caller should stop too (e.g. a sweep)
+    last["step"] = step
+    last["stopped"] = stopped  # SIGTERM: the caller should stop too (e.g. a sweep)
     return last
 
 
@@ -256,25 +399,47 @@ def run_dirs(workdir: str | os.PathLike) -> list[pathlib.Path]:
 
 
 def evaluate(workdir: str | os.PathLike, *, step: int | None = None, splits: list[str] | None = None) -> dict:
-    """Restores the run in ``workdir`` and returns ``{split: metrics}`` for ``eval.splits``."""
-    ckpt = Checkpointer(workdir)
+    """Restores the run in ``workdir`` (``step``, or the newest readable checkpoint) and returns
+    ``{"step", "task", "kind", "mixer", "seq_len", "task_params", "config", "eval_tokens_per_s",
+    "splits": {split: metrics}, "model", "sources"}`` for ``eval.splits`` (or ``splits``).
+
+    ``seq_len`` and ``task_params`` come from the resolved task (defaults filled in), not the
+    config. ``eval_tokens_per_s``: evaluation throughput without each split's first batch
+    (compilation). Reads only: a read-only run directory is fine.
+    """
+    ckpt = Checkpointer(workdir, read_only=True)
+    built: dict[str, tuple] = {}
+
+    def template(config: dict):
+        key = json.dumps(config, sort_keys=True, default=str)
+        if key not in built:
+            built[key] = _setup(config, check_step=False)
+        sources, spec, model, trainer = built[key]
+        return trainer.init_state(model)  # a template with the right shapes and shardings
+
     try:
-        cfg = ckpt.restore_config(step)
-        sources, spec, model, trainer = _setup(cfg)
-        abstract = trainer.init_state(model)  # a template with the right shapes and shardings
-        state, _, _ = ckpt.restore(step, abstract)
+        restored = ckpt.restore_readable(template, step=step, propagate=(ConfigError,))
     finally:
         ckpt.close()
+    if restored is None:
+        raise CheckpointError(f"no checkpoint in {ckpt.directory}")
+    _, state, _, cfg = restored
+    sources, spec, _, trainer = built[json.dumps(cfg, sort_keys=True, default=str)]
     _, eval_step = trainer.jitted()
     splits = splits or list(cfg["eval"]["splits"])
     unknown = [s for s in splits if s not in sources]
     if unknown:
         raise ConfigError(f"eval.splits {unknown} not in the task's splits {sorted(sources)}")
     out = {"step": int(state["step"]), "task": spec.name, "kind": spec.kind, "mixer": cfg["model"].get("mixer"),
-           "splits": {}}
+           "seq_len": spec.seq_len, "task_params": json.loads(json.dumps(sources.params, default=str)),
+           "config": cfg, "splits": {}}
+    tokens, seconds = 0, 0.0
     for s in splits:
+        timing: dict = {}
         out["splits"][s] = _evaluate_split(trainer, eval_step, state, sources[s], cfg["eval"]["batch_size"],
-                                           cfg["eval"]["max_batches"])
+                                           cfg["eval"]["max_batches"], timing=timing)
+        tokens, seconds = tokens + timing.get("tokens", 0), seconds + timing.get("seconds", 0.0)
+    out["eval_tokens_per_s"] = tokens / seconds if seconds > 0 else None
     out["model"] = trainer.model(state)
     out["sources"] = sources
     return out

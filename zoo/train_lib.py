@@ -28,31 +28,102 @@ Array = jax.Array
 # ----------------------------------------------------------------------------- models
 
 
-def _decoder_lm(spec, rngs, **kw):
+class ICLAttention(nnx.Module):
+    """The one-layer multi-head attention model of in-context linear regression (He, Pan, Chen,
+    Yang, ICML'25; co-author repo ``XintianPan/ICL_linear``, ``src/models.py``).
+
+    Tokens ``z_i = (x_i, y_i)`` (context, ``i < N``) and ``z_q = (x_q, 0)`` (the last row) of
+    width ``E = d + 1``. Every head ``h`` has full-width ``Q^h, K^h, V^h in R^{E x E}``, no bias,
+    and the output is ``sum_h O^h softmax_j(<K^h z_j, Q^h z_t> / sqrt(E)) V^h z_j`` with
+    ``O^h in R^{1 x E}``, where ``j`` runs over the context rows only: the query does not attend
+    to itself (cross-attention from every row to rows ``0 .. N-1``; only the query row enters the
+    loss). ``mixer`` swaps the softmax for another ``zoo.attention`` transform (e.g. ``linear``),
+    ``mixer_options`` are its options.
+
+    ``__call__(x)``: ``x [B, N+1, E]`` -> ``[B, N+1, out_dim]``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 1, *, num_heads: int = 4, mixer: str = "softmax",
+                 mixer_options: dict | None = None, rngs: nnx.Rngs):
+        from zoo.nn import MultiHeadAttention
+
+        self.attn = MultiHeadAttention(num_heads, in_dim, out_features=out_dim, head_dim=in_dim, transform=mixer,
+                                       transform_kwargs=dict(mixer_options or {}), use_bias=False, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        if getattr(x, "ndim", None) != 3 or x.shape[1] < 2:
+            raise ValueError(f"x must be [batch, N+1 >= 2, d+1] (context rows then the query row); got "
+                             f"{getattr(x, 'shape', x)}")
+        return self.attn(x, x[:, :-1], causal=False)
+
+
+def _checked_call(model_name: str, ctor: Callable, args: tuple, kw: dict, rngs: nnx.Rngs) -> nnx.Module:
+    """``ctor(*args, **kw, rngs=rngs)`` after checking that every config key is an argument."""
+    import inspect
+
+    params = inspect.signature(ctor.__init__ if isinstance(ctor, type) else ctor).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        valid = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or
+                       (p.kind is p.POSITIONAL_OR_KEYWORD and n != "self"))
+        valid = [n for n in valid if n != "rngs"]
+        unknown = sorted(set(kw) - set(valid))
+        if unknown:
+            raise ValueError(f"model.{unknown[0]} is not an argument of model.name={model_name!r}; its arguments: "
+                             f"{', '.join(valid)}")
+    return ctor(*args, **kw, rngs=rngs)
+
+
+def _decoder_lm(spec, rngs, cfg):
     from zoo.models import DecoderLM
 
-    return DecoderLM(spec.vocab_size, rngs=rngs, **kw)
+    if spec.vocab_size is None:
+        raise ValueError(f"model.name='decoder_lm' needs a token task; task {spec.name!r} has {spec.kind} "
+                         "inputs (use positional_transformer or icl_attention)")
+    return _checked_call("decoder_lm", DecoderLM, (spec.vocab_size,), model_kwargs(cfg), rngs)
 
 
-def _encoder_classifier(spec, rngs, **kw):
+def _encoder_classifier(spec, rngs, cfg):
     from zoo.models import EncoderClassifier
 
-    return EncoderClassifier(spec.vocab_size, spec.output_dim, rngs=rngs, **kw)
+    kw = model_kwargs(cfg)
+    if spec.vocab_size is None:
+        kw.setdefault("input_dim", spec.input_dim)
+    return _checked_call("encoder_classifier", EncoderClassifier, (spec.vocab_size, spec.output_dim), kw, rngs)
 
 
-def _positional_transformer(spec, rngs, **kw):
+def _positional_transformer(spec, rngs, cfg):
     from zoo.models import PositionalTransformer
 
+    if spec.kind != "regression":
+        raise ValueError(f"model.name='positional_transformer' needs a regression task; task {spec.name!r} is "
+                         f"{spec.kind}")
+    kw = dict(cfg)
     scratch = kw.pop("scratch", 1)  # the task's L = n + scratch positions
-    return PositionalTransformer(spec.seq_len - scratch, scratch=scratch, in_dim=spec.input_dim,
-                                 out_dim=spec.output_dim, rngs=rngs, **kw)
+    if not isinstance(scratch, int) or not 0 <= scratch < spec.seq_len:
+        raise ValueError(f"model.scratch must be an int in [0, {spec.seq_len}); got {scratch!r}")
+    kw.setdefault("in_dim", spec.input_dim)
+    kw.setdefault("out_dim", spec.output_dim)
+    return _checked_call("positional_transformer", PositionalTransformer, (spec.seq_len - scratch,),
+                         {"scratch": scratch, **kw}, rngs)
+
+
+def _icl_attention(spec, rngs, cfg):
+    if spec.kind != "regression" or spec.input_dim is None:
+        raise ValueError(f"model.name='icl_attention' needs a regression task; task {spec.name!r} is {spec.kind}")
+    kw = dict(cfg)
+    kw["mixer_options"] = dict(kw.get("mixer_options") or {})
+    return _checked_call("icl_attention", ICLAttention, (spec.input_dim, spec.output_dim), kw, rngs)
 
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     "decoder_lm": _decoder_lm,
     "encoder_classifier": _encoder_classifier,
     "positional_transformer": _positional_transformer,
+    "icl_attention": _icl_attention,
 }
+# Models whose ``mixer`` config key is a per-layer mixer spec (``zoo.nn.build_mixer``); for
+# ``icl_attention`` it is one transform name, and ``positional_transformer`` has none.
+LAYERED_MIXERS = ("decoder_lm", "encoder_classifier")
 
 
 def model_kwargs(model_cfg: dict) -> dict:
@@ -76,11 +147,13 @@ def model_kwargs(model_cfg: dict) -> dict:
 
 
 def build_model(model_cfg: dict, spec: Any, *, seed: int) -> nnx.Module:
-    """Builds the model named ``model_cfg["name"]`` for the task ``spec``."""
+    """Builds the model named ``model_cfg["name"]`` for the task ``spec``; a config key the model
+    does not take is a ValueError naming it and listing the model's arguments."""
     name = model_cfg.get("name", "decoder_lm")
     if name not in MODELS:
         raise ValueError(f"model.name={name!r} is not valid; expected one of {', '.join(sorted(MODELS))}")
-    return MODELS[name](spec, nnx.Rngs(seed), **model_kwargs(model_cfg))
+    cfg = {k: v for k, v in dict(model_cfg).items() if k != "name"}
+    return MODELS[name](spec, nnx.Rngs(seed), cfg)
 
 
 # ----------------------------------------------------------------------------- losses

@@ -15,6 +15,9 @@ from zoo.attention.aaren import AarenState, aaren, aaren_naive
 from zoo.attention.aaren import init_state as aaren_init_state
 from zoo.attention.aaren import step as aaren_step
 from zoo.attention.blockwise import BlockSizes
+from zoo.attention.deltanet import DeltaNetState, deltanet, deltanet_naive, gated_deltanet
+from zoo.attention.deltanet import init_state as deltanet_init_state
+from zoo.attention.deltanet import step as deltanet_step
 from zoo.attention.flow import FlowState, flow, flow_naive
 from zoo.attention.flow import init_state as flow_init_state
 from zoo.attention.flow import step as flow_step
@@ -137,6 +140,27 @@ register(Transform(
     description="GLA: gated linear attention, per-channel decay [batch, length, heads, head_dim] (chunked)",
 ))
 
+
+def _deltanet_examples(gated: bool, heads: int, head_dim: int) -> dict:
+    """Chunks of 3 (ragged at test lengths), writing strengths beta in (0, 1) per head (sigmoid
+    values, as the layers make them); gated: decay rates 0 (no decay) to 0.7 per head."""
+    ex: dict = {"chunk_size": 3, "beta": jax.nn.sigmoid(jnp.linspace(-1.0, 1.0, heads))}
+    if gated:
+        ex["decay"] = jnp.linspace(0.0, 0.7, heads)
+    return ex
+
+
+_delta = dict(init_state_fn=deltanet_init_state, prefill_fn=recurrent_prefill(deltanet), step_fn=deltanet_step,
+              cache="recurrent", causal_only=True, parallel_only={"chunk_size"}, impl_family="deltanet")
+register(Transform(
+    "deltanet", deltanet, deltanet_naive, **_delta, example_options=functools.partial(_deltanet_examples, False),
+    description="DeltaNet: delta-rule linear attention, exact chunk-parallel WY/UT form (beta per token)",
+))
+register(Transform(
+    "gated_deltanet", deltanet, deltanet_naive, **_delta,
+    example_options=functools.partial(_deltanet_examples, True),
+    description="Gated DeltaNet: the delta rule with per-token decay exp(-rate) before each update (chunked)",
+))
 register(Transform(
     "aaren", aaren, aaren_naive, init_state_fn=aaren_init_state, prefill_fn=recurrent_prefill(aaren),
     step_fn=aaren_step, cache="recurrent", causal_only=True,
@@ -184,9 +208,11 @@ register(Transform(
 
 __all__ = [
     "AarenState", "aaren", "aaren_init_state", "aaren_naive", "aaren_step",
+    "DeltaNetState", "deltanet", "deltanet_init_state", "deltanet_naive", "deltanet_step", "gated_deltanet",
     "FlowState", "flow", "flow_init_state", "flow_naive", "flow_step",
     "identity_encoding", "positional", "positional_apply", "positional_naive", "positional_qk",
     "positional_weights",
+    "BlockSizes", "blockwise",
     "Implementation", "KVCache", "LinearState", "Transform", "alibi_slopes", "common", "feature_maps", "get",
     "implementations", "init_cache", "linear", "linear_init_state", "linear_naive", "linear_step", "names",
     "recurrent_prefill", "register", "register_impl", "resolve", "set_preference",
@@ -194,7 +220,6 @@ __all__ = [
     "softmax_prefill", "softmax_step", "softplus", "softplus_naive",
     "MemoryState", "memora", "memory_init_state", "miras", "miras_naive", "miras_step", "moneta",
     "titans", "titans_naive", "titans_step", "yaad",
-    "BlockSizes", "blockwise",
-    "RopeScaling", "rope",
     "TTTState", "ttt", "ttt_init_state", "ttt_linear", "ttt_mlp", "ttt_naive", "ttt_step",
+    "RopeScaling", "rope",
 ]

@@ -15,17 +15,26 @@ predictor; with this Gaussian prior they coincide: the posterior mean of beta is
 of least squares and of predicting 0 (the prior mean) on any batch. Length-generalisation
 splits ``test_ctx{M}`` use ``M`` context examples (default 2N and 4N).
 
-The defaults (d=5, N=40, noise_std=0.1) are small CPU-sized choices, not verified against the
-paper's exact settings.
+Defaults follow the paper's setup (co-author repo ``XintianPan/ICL_linear``,
+``utils/data_utils.py:LinearReg``): d=5, N=8d=40, ``beta ~ N(0, I/d)``, label-noise variance
+``sigma^2 = 0.1`` (``noise_std = sqrt(0.1)``, :data:`NOISE_STD`).
+
+The paper's query token attends to the N context tokens only, not to itself: that is a property
+of the model (``train.py``'s ``model.name="icl_attention"`` computes it as cross-attention from
+every token to the context rows); the query's label slot is 0 here, so a model that does let it
+attend to itself sees no label, but it is not the paper's model.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from zoo.data import registry as R
+
+NOISE_STD = math.sqrt(0.1)  # the paper's sigma^2 = 0.1
 
 
 def icl_regression(
@@ -34,7 +43,7 @@ def icl_regression(
     seed: int | np.random.Generator,
     dim: int = 5,
     num_context: int = 40,
-    noise_std: float = 0.1,
+    noise_std: float = NOISE_STD,
     beta_scale: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """Generates in-context linear-regression prompts (see the module docstring).
@@ -44,7 +53,7 @@ def icl_regression(
       seed: int seed or numpy Generator.
       dim: covariate dimension ``d``.
       num_context: context examples ``N`` per prompt (sequence length ``N + 1``).
-      noise_std: label noise standard deviation.
+      noise_std: label noise standard deviation (default ``sqrt(0.1)``: the paper's ``sigma^2 = 0.1``).
       beta_scale: ``beta ~ N(0, beta_scale^2 / d I)``, so that ``Var(beta^T x) = beta_scale^2``.
 
     Returns:
@@ -93,7 +102,7 @@ def ridge_predict(inputs: np.ndarray, lam: float) -> np.ndarray:
 
 
 def baselines(
-    batch: dict[str, np.ndarray], *, noise_std: float = 0.1, beta_scale: float = 1.0
+    batch: dict[str, np.ndarray], *, noise_std: float = NOISE_STD, beta_scale: float = 1.0
 ) -> dict[str, float]:
     """Reference errors on a batch: the numbers a trained model is compared with.
 
@@ -150,7 +159,7 @@ TASK = R.register(
         params={
             "dim": R.Param(5, "covariate dimension d"),
             "num_context": R.Param(40, "context examples N in training prompts"),
-            "noise_std": R.Param(0.1, "label noise standard deviation"),
+            "noise_std": R.Param(NOISE_STD, "label noise standard deviation (sqrt(0.1): the paper's sigma^2 = 0.1)"),
             "beta_scale": R.Param(1.0, "beta ~ N(0, beta_scale^2/d I)"),
             "num_train": R.Param(20_000, "training prompts"),
             "num_test": R.Param(1_000, "prompts per test split"),

@@ -10,6 +10,9 @@ from zoo.nn.attention import get_mixer as get_mixer
 from zoo.nn.attention import mixer_names as mixer_names
 from zoo.nn.attention import register_mixer as register_mixer
 from zoo.nn.attention import resolve_transform as resolve_transform
+from zoo.nn.deltanet import DeltaNetLayer as DeltaNetLayer
+from zoo.nn.deltanet import DeltaNetLayerState as DeltaNetLayerState
+from zoo.nn.deltanet import GatedDeltaNetLayer as GatedDeltaNetLayer
 from zoo.nn.diagnostics import AttentionDiagnostics as AttentionDiagnostics
 from zoo.nn.diagnostics import attention_entropy as attention_entropy
 from zoo.nn.diagnostics import attention_weights as attention_weights
