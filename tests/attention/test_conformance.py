@@ -1,4 +1,5 @@
-"""The conformance suite: every registered mechanism x each of its CPU implementations.
+"""The conformance suite: every registered mechanism x each of its CPU implementations
+(interpret-mode kernels: forward and gradients here, the rest in tests/kernels/).
 
 Everything here is derived from the registry record (``zoo.attention.get(name)``): a new
 mechanism gets all of it by registering. Checked per case, in float32 unless stated:
@@ -48,6 +49,11 @@ def _cases() -> list:
 
 
 CASES = _cases()
+# Interpret-mode kernels (impls that run on CPU only through the Pallas interpreter) take only the
+# forward and gradient checks here: the interpreter is slow, and tests/kernels/ has each kernel's
+# own suite (dtypes, meshes, lowering for the hardware).
+XLA_CASES = [c for c in CASES if not (c.values[1] is not None
+                                      and za.implementations(za.get(c.values[0]).impl_family)[c.values[1]].interpret)]
 
 
 def _setup(name: str, impl: str | None, *, gqa: bool = True):
@@ -104,7 +110,7 @@ def test_gradients_equal_reference(name, impl):
     tree_assert_close(g, g_ref, **GRAD, what=f"{name} grads (q, k, v, {', '.join(diff)})")
 
 
-@pytest.mark.parametrize("name,impl", CASES)
+@pytest.mark.parametrize("name,impl", XLA_CASES)
 def test_prefill_then_step_equals_parallel(name, impl):
     t, q, k, v, opts, hk = _setup(name, impl)
     if not t.decodes:
@@ -124,7 +130,7 @@ def test_prefill_then_step_equals_parallel(name, impl):
     tree_assert_close(st_all, st, **OUT, what=f"{name} state after prefill(all) vs stepping")
 
 
-@pytest.mark.parametrize("name,impl", CASES)
+@pytest.mark.parametrize("name,impl", XLA_CASES)
 def test_causality(name, impl):
     t, q, k, v, opts, _ = _setup(name, impl)
     f = jax.jit(lambda q, k, v: t(q, k, v, causal=True, **opts))
@@ -135,7 +141,7 @@ def test_causality(name, impl):
     assert float(jnp.max(jnp.abs(y2[:, c:] - y[:, c:]))) > 1e-4, "the change reaches later outputs"
 
 
-@pytest.mark.parametrize("name,impl", CASES)
+@pytest.mark.parametrize("name,impl", XLA_CASES)
 def test_bfloat16(name, impl):
     t, q, k, v, opts, _ = _setup(name, impl)
     bf = lambda x: x.astype(jnp.bfloat16)
@@ -146,7 +152,7 @@ def test_bfloat16(name, impl):
     assert_close(y.astype(jnp.float32), ref, atol=6e-2, rtol=6e-2, what=f"{name} bf16")
 
 
-@pytest.mark.parametrize("name,impl", CASES)
+@pytest.mark.parametrize("name,impl", XLA_CASES)
 def test_jit_vmap_remat(name, impl):
     t, q, k, v, opts, _ = _setup(name, impl)
     f = lambda q, k, v: t(q, k, v, causal=True, **opts)

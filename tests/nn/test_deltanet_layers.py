@@ -1,4 +1,5 @@
-"""DeltaNetLayer and GatedDeltaNetLayer (zoo.nn.deltanet): the layer equals its equations computed
+"""DeltaNetLayer, GatedDeltaNetLayer (zoo.nn.deltanet) and GLALayer (zoo.nn.gla): the layer equals
+its equations computed
 directly from its parameters (with the transform's naive reference), decoding (prefill + steps)
 equals the forward, DecoderLM runs them as mixers (forward, gradient to every parameter, decode),
 initialisation and logical axis names as documented, bad arguments rejected.
@@ -21,7 +22,7 @@ from zoo.models import DecoderLM
 
 E, H, B, T = 16, 2, 2, 9
 TOL = dict(atol=2e-5, rtol=1e-5)
-LAYERS = {"deltanet_layer": zn.DeltaNetLayer, "gated_deltanet_layer": zn.GatedDeltaNetLayer}
+LAYERS = {"deltanet_layer": zn.DeltaNetLayer, "gated_deltanet_layer": zn.GatedDeltaNetLayer, "gla_layer": zn.GLALayer}
 
 
 def x_in(t: int = T, seed: int = 0) -> jax.Array:
@@ -38,21 +39,31 @@ def direct(m: zn.DeltaNetLayer, x: jax.Array) -> jax.Array:
     over taps, SiLU, l2 norm, sigmoid beta, the Mamba-2 style decay, the naive delta rule, RMS
     norm, SiLU gate, output projection."""
     p = lambda name: getattr(m, name)[...]
+    gla = isinstance(m, zn.GLALayer)
     feats = {}
     for n in ("q", "k", "v"):
         y = jnp.einsum("bte,ehd->bthd", x, p(f"w{n}"))
-        w = p(f"conv_{n}")
-        y = jnp.stack([sum(w[i] * y[:, t - i] for i in range(w.shape[0]) if t - i >= 0) for t in range(x.shape[1])], 1)
-        y = jax.nn.silu(y)
-        if n != "v":
+        if m.conv_width:
+            w = p(f"conv_{n}")
+            y = jnp.stack([sum(w[i] * y[:, t - i] for i in range(w.shape[0]) if t - i >= 0)
+                           for t in range(x.shape[1])], 1)
+            y = jax.nn.silu(y)
+        elif not gla:
+            y = jax.nn.silu(y)
+        if n != "v" and not gla:
             y = y / jnp.sqrt(jnp.sum(y * y, -1, keepdims=True) + 1e-6)
         feats[n] = y
-    beta = jax.nn.sigmoid(jnp.einsum("bte,eh->bth", x, p("w_beta")))
-    rate = None
-    if m.gated:
-        rate = jnp.exp(p("A_log")) * jax.nn.softplus(jnp.einsum("bte,eh->bth", x, p("w_a")) + p("dt_bias"))
-    o = za.deltanet_naive(feats["q"], feats["k"], feats["v"], beta=beta, decay=rate, scale=m.head_dim ** -0.5,
-                          causal=True)
+    if gla:  # GLA: per-channel gates logsigmoid(x W1 W2 + b) / 16, linear attention without normaliser
+        z = jnp.einsum("btr,rhd->bthd", x @ p("w_gate1"), p("w_gate2")) + p("b_gate")
+        o = za.linear_naive(feats["q"], feats["k"], feats["v"], causal=True, feature_map="identity",
+                            normalize=False, decay=-jax.nn.log_sigmoid(z) / 16.0, scale=m.head_dim ** -0.5)
+    else:
+        beta = jax.nn.sigmoid(jnp.einsum("bte,eh->bth", x, p("w_beta")))
+        rate = None
+        if m.gated:
+            rate = jnp.exp(p("A_log")) * jax.nn.softplus(jnp.einsum("bte,eh->bth", x, p("w_a")) + p("dt_bias"))
+        o = za.deltanet_naive(feats["q"], feats["k"], feats["v"], beta=beta, decay=rate, scale=m.head_dim ** -0.5,
+                              causal=True)
     o = o / jnp.sqrt(jnp.mean(o * o, -1, keepdims=True) + 1e-5) * m.out_norm.scale[...]
     o = o * jax.nn.silu(jnp.einsum("bte,ehd->bthd", x, p("wg")))
     return jnp.einsum("bthd,hde->bte", o, p("wo"))
@@ -75,6 +86,7 @@ def _step(m, x_t, state):
 
 @pytest.mark.parametrize("name", LAYERS)
 def test_layer_equals_equations_and_decodes_as_it_trains(name):
+    """(GLALayer: zoo.nn.gla, the same layer with GLA's gates and linear attention.)"""
     """forward == the equations (direct); T decode_steps == forward; prefill(4), step, prefill(rest)
     == forward."""
     m = build(LAYERS[name])
@@ -147,3 +159,6 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="conv"):
         zn.GatedDeltaNetLayer(E, H, conv=-1, rngs=nnx.Rngs(0))
     assert "deltanet_layer" in zn.mixer_names("layer") and "gated_deltanet_layer" in zn.mixer_names("layer")
+    assert "gla_layer" in zn.mixer_names("layer")
+    with pytest.raises(ValueError, match="gate_logit_normalizer"):
+        zn.GLALayer(E, H, gate_logit_normalizer=0, rngs=nnx.Rngs(0))

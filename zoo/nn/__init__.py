@@ -20,6 +20,7 @@ from zoo.nn.diagnostics import entropy_regularizer as entropy_regularizer
 from zoo.nn.diagnostics import sink_ratio as sink_ratio
 from zoo.nn.diagnostics import sink_scores as sink_scores
 from zoo.nn.flow import FlowAttentionLayer as FlowAttentionLayer
+from zoo.nn.gla import GLALayer as GLALayer
 from zoo.nn.hedgehog import HedgehogFeatureMap as HedgehogFeatureMap
 from zoo.nn.hedgehog import hedgehog_distillation_loss as hedgehog_distillation_loss
 from zoo.nn.layers import AXES as AXES

@@ -42,7 +42,7 @@ from flax import nnx
 import zoo.attention as za
 from zoo.attention.common import as_int
 from zoo.nn.attention import check_input, register_mixer
-from zoo.nn.layers import RMSNorm, axes, cast, normal_init, param
+from zoo.nn.layers import RMSNorm, axes, cast, l2norm, normal_init, param
 from zoo.nn.memory import causal_conv
 
 Array = jax.Array
@@ -51,19 +51,14 @@ Array = jax.Array
 class DeltaNetLayerState(NamedTuple):
     """Decoding state of a (Gated) DeltaNet layer.
 
-    memory: the transform's :class:`zoo.attention.DeltaNetState` (``S [B, H, Dk, Dv]`` float32).
+    memory: the transform's state: :class:`zoo.attention.DeltaNetState` (``S [B, H, Dk, Dv]``
+      float32; :class:`zoo.attention.LinearState` for :class:`zoo.nn.GLALayer`).
     conv: the last ``conv - 1`` projected inputs of q, k and v, ``{name: [B, conv - 1, H, D]}``
       (``{}`` without convolution).
     """
 
-    memory: za.DeltaNetState
+    memory: Any
     conv: dict[str, Array]
-
-
-def l2norm(x: Array, eps: float = 1e-6) -> Array:
-    """``x / sqrt(sum x^2 + eps)`` over the last axis, in float32 (fla's ``l2norm``)."""
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 class DeltaNetLayer(nnx.Module):
@@ -86,6 +81,8 @@ class DeltaNetLayer(nnx.Module):
     """
 
     gated: bool = False
+    l2_qk: bool = True  # l2-normalised q and k (the delta rule needs unit keys)
+    silu_without_conv: bool = True  # SiLU on q, k, v also with conv=0
 
     def __init__(
         self, d_model: int, num_heads: int, *, head_dim: int | None = None, expand_v: float = 1.0, conv: int = 4,
@@ -119,6 +116,17 @@ class DeltaNetLayer(nnx.Module):
             if conv:
                 kern = param(rngs, normal_init(conv), (conv, h, d), (None, "heads", "head_dim"), pd)
                 setattr(self, f"conv_{n}", kern)
+        self.init_gates(rngs, pd)
+        self.out_norm = RMSNorm(dv, epsilon=norm_eps, dtype=dtype, param_dtype=pd, axis_name="head_dim", rngs=rngs)
+        if output_gate:
+            self.wg = param(rngs, normal_init(e), (e, h, dv), ("embed", "heads", "head_dim"), pd)
+        self.wo = param(rngs, normal_init(h * dv), (h, dv, e), ("heads", "head_dim", "embed"), pd)
+
+    # ------------------------------------------------------------------ what a subclass changes
+
+    def init_gates(self, rngs: nnx.Rngs, pd: Any) -> None:
+        """The gate parameters: ``w_beta``; Gated DeltaNet adds ``w_a``, ``A_log``, ``dt_bias``."""
+        e, h = self.d_model, self.num_heads
         self.w_beta = param(rngs, normal_init(e), (e, h), ("embed", "heads"), pd)
         if self.gated:
             self.w_a = param(rngs, normal_init(e), (e, h), ("embed", "heads"), pd)
@@ -127,10 +135,19 @@ class DeltaNetLayer(nnx.Module):
             lo, hi = math.log(1e-3), math.log(0.1)
             dt = jnp.maximum(jnp.exp(jax.random.uniform(rngs.params(), (h,), jnp.float32, lo, hi)), 1e-4)
             self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(pd), **axes("heads"))  # softplus^-1
-        self.out_norm = RMSNorm(dv, epsilon=norm_eps, dtype=dtype, param_dtype=pd, axis_name="head_dim", rngs=rngs)
-        if output_gate:
-            self.wg = param(rngs, normal_init(e), (e, h, dv), ("embed", "heads", "head_dim"), pd)
-        self.wo = param(rngs, normal_init(h * dv), (h, dv, e), ("heads", "head_dim", "embed"), pd)
+
+    def init_memory(self, batch: int) -> Any:
+        """The transform's zero state."""
+        return za.deltanet_init_state(batch, self.num_heads, self.head_dim, self.value_dim)
+
+    def mix(self, f: dict[str, Array], g: dict[str, Array], memory: Any) -> tuple[Array, Any]:
+        """The transform over a sequence continuing from ``memory``: ``(o [B, T, H, Dv], memory)``."""
+        return za.deltanet(f["q"], f["k"], f["v"], **g, scale=self.head_dim ** -0.5, causal=True,
+                           chunk_size=self.chunk_size, initial_state=memory, return_state=True)
+
+    def mix_step(self, f: dict[str, Array], g: dict[str, Array], memory: Any) -> tuple[Array, Any]:
+        """The transform's one-token step (``f`` and ``g`` without the time axis)."""
+        return za.deltanet_step(memory, f["q"], f["k"], f["v"], **g, scale=self.head_dim ** -0.5)
 
     # ------------------------------------------------------------------ pieces
 
@@ -144,8 +161,9 @@ class DeltaNetLayer(nnx.Module):
             y = jnp.einsum("bte,ehd->bthd", x, getattr(self, f"w{n}")[...].astype(dt))
             if self.conv_width:
                 y, new[n] = causal_conv(y, getattr(self, f"conv_{n}")[...].astype(dt), conv[n])
-            y = jax.nn.silu(y)
-            out[n] = l2norm(y) if n != "v" else y
+            if self.conv_width or self.silu_without_conv:
+                y = jax.nn.silu(y)
+            out[n] = l2norm(y) if n != "v" and self.l2_qk else y
         return out, new
 
     def gates(self, x: Array) -> dict[str, Array]:
@@ -168,8 +186,7 @@ class DeltaNetLayer(nnx.Module):
 
     def _run(self, x: Array, state: DeltaNetLayerState) -> tuple[Array, DeltaNetLayerState]:
         f, conv = self.project(x, state.conv)
-        o, mem = za.deltanet(f["q"], f["k"], f["v"], **self.gates(x), scale=self.head_dim ** -0.5, causal=True,
-                             chunk_size=self.chunk_size, initial_state=state.memory, return_state=True)
+        o, mem = self.mix(f, self.gates(x), state.memory)
         return self.output(x, o), DeltaNetLayerState(mem, conv)
 
     # ------------------------------------------------------------------ mixer interface
@@ -184,7 +201,7 @@ class DeltaNetLayer(nnx.Module):
     def init_state(self, batch: int, max_len: int | None = None) -> DeltaNetLayerState:
         """Zero state and zero convolution history (constant size: ``max_len`` is unused)."""
         batch = as_int("batch", batch, allow_none=False)
-        mem = za.deltanet_init_state(batch, self.num_heads, self.head_dim, self.value_dim)
+        mem = self.init_memory(batch)
         dt = self.dtype or jnp.float32
         widths = {"q": self.head_dim, "k": self.head_dim, "v": self.value_dim}
         conv = {n: jnp.zeros((batch, self.conv_width - 1, self.num_heads, d), dt)
@@ -204,8 +221,7 @@ class DeltaNetLayer(nnx.Module):
         x = x_t[:, None]
         f, conv = self.project(x, state.conv)
         g = {n: a[:, 0] for n, a in self.gates(x).items()}
-        o, mem = za.deltanet_step(state.memory, f["q"][:, 0], f["k"][:, 0], f["v"][:, 0], **g,
-                                  scale=self.head_dim ** -0.5)
+        o, mem = self.mix_step({n: a[:, 0] for n, a in f.items()}, g, state.memory)
         return self.output(x, o[:, None])[:, 0], DeltaNetLayerState(mem, conv)
 
 
@@ -253,4 +269,4 @@ register_mixer(
 )
 
 __all__ = ["DeltaNetLayer", "DeltaNetLayerState", "GatedDeltaNetLayer", "deltanet_layer_mixer",
-           "gated_deltanet_layer_mixer", "l2norm"]
+           "gated_deltanet_layer_mixer"]

@@ -87,6 +87,12 @@ def param(
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), **axes(*names))
 
 
+def l2norm(x: Array, eps: float = 1e-6) -> Array:
+    """``x / sqrt(sum x^2 + eps)`` over the last axis, in float32 (flash-linear-attention's ``l2norm``)."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 def cast(x: Array, dtype: Any) -> Array:
     """``x`` in ``dtype`` (unchanged when ``dtype`` is None)."""
     return x if dtype is None else x.astype(dtype)

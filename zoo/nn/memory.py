@@ -53,7 +53,7 @@ from zoo.attention.miras import check_choices as _check_miras_choices
 from zoo.attention.miras import make_rule as _miras_rule
 from zoo.attention.titans import ACTIVATIONS, Rule, apply_memory, init_weights, l2_loss
 from zoo.nn.attention import register_mixer
-from zoo.nn.layers import RMSNorm, axes, cast, normal_init, param
+from zoo.nn.layers import RMSNorm, axes, cast, l2norm, normal_init, param
 
 Array = jax.Array
 GATE_INIT = {"theta": 0.0, "eta": 0.0, "alpha": -5.0, "delta": math.log(math.e - 1.0)}
@@ -84,11 +84,6 @@ def causal_conv(x: Array, kernel: Array, state: Array) -> tuple[Array, Array]:
     xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)
     y = sum(kernel[i] * xp[:, w - 1 - i: w - 1 - i + t] for i in range(w))
     return y, xp[:, xp.shape[1] - (w - 1):].astype(state.dtype)
-
-
-def _l2norm(x: Array, eps: float = 1e-6) -> Array:
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def _check_int(name: str, x: Any, minimum: int) -> int:
@@ -206,7 +201,7 @@ class _MemoryLayer(nnx.Module):
             if self.qkv_silu:
                 y = jax.nn.silu(y)
             if n != "v" and self.qk_l2norm:
-                y = _l2norm(y)
+                y = l2norm(y)
             out[n] = y
         return out, new
 
