@@ -1,4 +1,4 @@
-"""DeltaNetLayer, GatedDeltaNetLayer (zoo.nn.deltanet) and GLALayer (zoo.nn.gla): the layer equals
+"""DeltaNetLayer, GatedDeltaNetLayer (zoo.nn.deltanet), GLALayer (zoo.nn.gla), TTTLayer (zoo.nn.ttt): each equals
 its equations computed
 directly from its parameters (with the transform's naive reference), decoding (prefill + steps)
 equals the forward, DecoderLM runs them as mixers (forward, gradient to every parameter, decode),
@@ -22,7 +22,8 @@ from zoo.models import DecoderLM
 
 E, H, B, T = 16, 2, 2, 9
 TOL = dict(atol=2e-5, rtol=1e-5)
-LAYERS = {"deltanet_layer": zn.DeltaNetLayer, "gated_deltanet_layer": zn.GatedDeltaNetLayer, "gla_layer": zn.GLALayer}
+LAYERS = {"deltanet_layer": zn.DeltaNetLayer, "gated_deltanet_layer": zn.GatedDeltaNetLayer, "gla_layer": zn.GLALayer,
+          "ttt_layer": zn.TTTLayer}
 
 
 def x_in(t: int = T, seed: int = 0) -> jax.Array:
@@ -31,6 +32,8 @@ def x_in(t: int = T, seed: int = 0) -> jax.Array:
 
 def build(cls, **kw) -> zn.DeltaNetLayer:
     kw = {"expand_v": 1.5, "chunk_size": 4, **kw}
+    if cls is zn.TTTLayer:
+        kw.update(expand_v=1, depth=2, conv=3)  # TTT-MLP with convolutions: every piece exercised
     return cls(E, H, rngs=nnx.Rngs(0), **kw)
 
 
@@ -39,7 +42,7 @@ def direct(m: zn.DeltaNetLayer, x: jax.Array) -> jax.Array:
     over taps, SiLU, l2 norm, sigmoid beta, the Mamba-2 style decay, the naive delta rule, RMS
     norm, SiLU gate, output projection."""
     p = lambda name: getattr(m, name)[...]
-    gla = isinstance(m, zn.GLALayer)
+    gla = isinstance(m, (zn.GLALayer, zn.TTTLayer))  # no l2 norm; SiLU only after a convolution
     feats = {}
     for n in ("q", "k", "v"):
         y = jnp.einsum("bte,ehd->bthd", x, p(f"w{n}"))
@@ -53,7 +56,13 @@ def direct(m: zn.DeltaNetLayer, x: jax.Array) -> jax.Array:
         if n != "v" and not gla:
             y = y / jnp.sqrt(jnp.sum(y * y, -1, keepdims=True) + 1e-6)
         feats[n] = y
-    if gla:  # GLA: per-channel gates logsigmoid(x W1 W2 + b) / 16, linear attention without normaliser
+    if isinstance(m, zn.TTTLayer):  # TTT: per-token rates, position scales, learned inner model and LN
+        eta = jax.nn.sigmoid(jnp.einsum("bte,eh->bth", x, p("w_lr")) + p("b_lr")) / m.head_dim
+        tau = jnp.maximum(1.0 / jnp.arange(1, m.chunk_size + 1) + p("token_offset"), 0.0)
+        o = za.ttt_naive(feats["q"], feats["k"], feats["v"], eta=eta, token_scale=tau, depth=m.depth,
+                         weights=(p("inner_w0"), p("inner_w1")), biases=(p("inner_b0"), p("inner_b1")),
+                         ln_weight=p("ln_weight"), ln_bias=p("ln_bias"), chunk_size=m.chunk_size, causal=True)
+    elif gla:  # GLA: per-channel gates logsigmoid(x W1 W2 + b) / 16, linear attention without normaliser
         z = jnp.einsum("btr,rhd->bthd", x @ p("w_gate1"), p("w_gate2")) + p("b_gate")
         o = za.linear_naive(feats["q"], feats["k"], feats["v"], causal=True, feature_map="identity",
                             normalize=False, decay=-jax.nn.log_sigmoid(z) / 16.0, scale=m.head_dim ** -0.5)
@@ -86,7 +95,7 @@ def _step(m, x_t, state):
 
 @pytest.mark.parametrize("name", LAYERS)
 def test_layer_equals_equations_and_decodes_as_it_trains(name):
-    """(GLALayer: zoo.nn.gla, the same layer with GLA's gates and linear attention.)"""
+    """(GLALayer / TTTLayer: the same layer body with their gates and transforms.)"""
     """forward == the equations (direct); T decode_steps == forward; prefill(4), step, prefill(rest)
     == forward."""
     m = build(LAYERS[name])
@@ -159,6 +168,8 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="conv"):
         zn.GatedDeltaNetLayer(E, H, conv=-1, rngs=nnx.Rngs(0))
     assert "deltanet_layer" in zn.mixer_names("layer") and "gated_deltanet_layer" in zn.mixer_names("layer")
-    assert "gla_layer" in zn.mixer_names("layer")
+    assert "gla_layer" in zn.mixer_names("layer") and "ttt_layer" in zn.mixer_names("layer")
+    with pytest.raises(ValueError, match="depth"):
+        zn.TTTLayer(E, H, depth=3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="gate_logit_normalizer"):
         zn.GLALayer(E, H, gate_logit_normalizer=0, rngs=nnx.Rngs(0))

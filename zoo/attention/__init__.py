@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from zoo.attention import blockwise, common, feature_maps, rope
+from zoo.attention import blockwise, common, feature_maps, kv_select, rope
 from zoo.attention.aaren import AarenState, aaren, aaren_naive
 from zoo.attention.aaren import init_state as aaren_init_state
 from zoo.attention.aaren import step as aaren_step
@@ -21,6 +21,13 @@ from zoo.attention.deltanet import step as deltanet_step
 from zoo.attention.flow import FlowState, flow, flow_naive
 from zoo.attention.flow import init_state as flow_init_state
 from zoo.attention.flow import step as flow_step
+from zoo.attention.kv_select import (
+    attend_selected,
+    tidaldecode_select,
+    tidaldecode_step,
+    tokenselect_select,
+    tokenselect_step,
+)
 from zoo.attention.linear import (
     LinearState,
     alibi_slopes,
@@ -67,6 +74,21 @@ from zoo.attention.softmax import (
 from zoo.attention.softmax import init_state as softmax_init_state
 from zoo.attention.softmax import prefill as softmax_prefill
 from zoo.attention.softmax import step as softmax_step
+from zoo.attention.sparse import (
+    nsa,
+    nsa_naive,
+    nsa_prefill,
+    nsa_step,
+    routing,
+    routing_init_params,
+    routing_naive,
+    routing_prefill,
+    routing_step,
+    s2,
+    s2_naive,
+    s2_prefill,
+    s2_step,
+)
 from zoo.attention.titans import MemoryState, titans, titans_naive
 from zoo.attention.titans import init_state as memory_init_state
 from zoo.attention.titans import step as titans_step
@@ -107,6 +129,24 @@ register(Transform(
 register(Transform(
     "positional", positional, positional_naive, step_fn=softmax_step, gqa=False, **_kv,
     description="positional attention: weights from positional q/k only, values from the input",
+))
+register(Transform(
+    "s2", s2, s2_naive, init_state_fn=softmax_init_state, prefill_fn=s2_prefill, step_fn=s2_step, cache="kv",
+    step_exact={"group_size"},  # the default group size follows the length (the cache's when decoding)
+    example_options=lambda h, d: {"group_size": 4, "num_sink": 1},
+    description="LongLoRA S2-Attn: groups, half the heads shifted by half a group (no wrap; SinkLoRA sinks)",
+))
+register(Transform(
+    "nsa", nsa, nsa_naive, init_state_fn=softmax_init_state, prefill_fn=nsa_prefill, step_fn=nsa_step, cache="kv",
+    example_options=lambda h, d: {"block_size": 2, "top_k": 2, "window_size": 3,
+                                  "gates": jax.nn.sigmoid(jnp.linspace(-1.0, 1.0, 3 * h)).reshape(h, 3)},
+    description="DeepSeek NSA: mean-pooled compression, top-k block selection, sliding window, gates",
+))
+register(Transform(
+    "routing", routing, routing_naive, init_params=routing_init_params, init_state_fn=softmax_init_state,
+    prefill_fn=routing_prefill, step_fn=routing_step, cache="kv",
+    example_options=lambda h, d: {"centroids": jax.random.normal(jax.random.PRNGKey(0), (h, 2, d))},
+    description="Routing Transformer: causal argmax-bucket routing to given centroids",
 ))
 
 
@@ -222,4 +262,7 @@ __all__ = [
     "titans", "titans_naive", "titans_step", "yaad",
     "TTTState", "ttt", "ttt_init_state", "ttt_linear", "ttt_mlp", "ttt_naive", "ttt_step",
     "RopeScaling", "rope",
+    "nsa", "nsa_naive", "routing", "routing_naive", "s2", "s2_naive",
+    # decode-time KV selection (functions, not registered transforms: kv_select's docstring)
+    "attend_selected", "kv_select", "tidaldecode_select", "tidaldecode_step", "tokenselect_select", "tokenselect_step",
 ]

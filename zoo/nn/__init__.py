@@ -39,3 +39,4 @@ from zoo.nn.nalaformer import NaLaFormerAttention as NaLaFormerAttention
 from zoo.nn.positional import PositionalAttention as PositionalAttention
 from zoo.nn.positional import PositionalAttentionBlock as PositionalAttentionBlock
 from zoo.nn.sigma_reparam import SigmaReparamDense as SigmaReparamDense
+from zoo.nn.ttt import TTTLayer as TTTLayer
