@@ -252,7 +252,7 @@ def test_dict_and_dataclass_agree_and_hash():
     assert_close(a[0], b[0], atol=0, what="dict == dataclass")
     assert a[1] == b[1] > 1
     assert hash(rope.RopeScaling(**s)) == hash(rope.as_scaling(s))
-    assert rope.RopeScaling("entropy_abf", original_max_len=64).logn == "log"
+    assert rope.RopeScaling("entropy_abf", original_max_len=64).logn == "ratio"
     ml_collections = pytest.importorskip("ml_collections")
     assert rope.as_scaling(ml_collections.ConfigDict(s)) == rope.as_scaling(s)  # a config's model.rope_scaling
 

@@ -56,6 +56,7 @@ import numpy as np
 from jax import lax
 
 from zoo.attention.common import as_int, check_qkv, per_head, shape_str
+from zoo.attention.rope import logn_scale
 
 Array = jax.Array
 VARIANTS = ("softmax", "sigmoid", "lssa", "lssar")
@@ -527,8 +528,7 @@ def logn_factor(n: Array, train_length: int | None, kind: str = "ratio") -> Arra
     ``sqrt(log n / log T_train)``, not clamped (below the training length it flattens)."""
     if train_length is None:
         return 1.0
-    r = jnp.log(jnp.maximum(n, 1.0)) / math.log(train_length)
-    return jnp.maximum(1.0, r) if kind == "ratio" else jnp.sqrt(r)
+    return logn_scale(jnp.maximum(n, 1.0), train_length, kind)
 
 
 def _mask4(mask: Any, b: int, h: int, tq: int, tk: int) -> Array:

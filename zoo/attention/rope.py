@@ -33,7 +33,7 @@ which is why every scaling below is a change of ``theta_i`` (plus, for some, a l
   @a5e91077 ``patch/EABF.py``: ``apply_rotary_pos_emb_scale``): the query at 0-based position
   ``m`` is multiplied by ``max(1, ln(m + 1) / ln L)`` (the code hard-codes ``L = 4096``, Llama-2's
   length). That factor depends on the position, so it is not in ``logit_scale``: it is
-  :func:`logn_scale` ``(m + 1, L, "log")``, given by :func:`query_scale`.
+  :func:`logn_scale` ``(m + 1, L, "ratio")``, given by :func:`query_scale`.
 - ``"clex"``: CLEX (Chen et al., ICLR 2024; code DAMO-NLP-SG/CLEX @023709d9 ``CLEX/clex_layer.py``):
   ``z(t) = log theta(t)`` follows the neural ODE
   ``dz/dt = act((z + log theta^N(t)) W_up) W_down + d log theta^N(t)/dt`` from ``z(1) = log theta``,
@@ -53,8 +53,8 @@ which is why every scaling below is a change of ``theta_i`` (plus, for some, a l
   ``power=0``, ``truncate=0`` (off). The code applies the scale only when ``s > 1``; here any
   ``s`` divides (the same for ``s >= 1``).
 
-Every kind may add log-n query scaling (``logn="log"`` or ``"sqrt"``, see :func:`logn_scale`;
-``entropy_abf`` uses ``"log"``). The logit scale is *returned*, never applied: multiply q by it
+Every kind may add log-n query scaling (``logn="ratio"`` or ``"sqrt"``, see :func:`logn_scale`;
+``entropy_abf`` uses ``"ratio"``). The logit scale is *returned*, never applied: multiply q by it
 (or pass it into the softmax scale); putting ``sqrt(logit_scale)`` on the cos/sin of both q and
 k, as the YaRN code does, is the same for a dot product only.
 """
@@ -77,7 +77,7 @@ Array = jax.Array
 
 KINDS = ("linear", "ntk", "yarn", "abf", "entropy_abf", "clex", "giraffe")
 DYNAMIC_KINDS = ("ntk", "clex")
-LOGN_KINDS = ("log", "sqrt")
+LOGN_KINDS = ("ratio", "sqrt")
 CLEX_ACTS = ("tanh", "silu")
 _NEEDS_LENGTH = ("yarn", "entropy_abf")
 
@@ -111,8 +111,8 @@ class RopeScaling:
       original_max_len: ``L``, the training length (needed by ``yarn``, ``entropy_abf``,
         ``logn`` and ``dynamic``).
       dynamic: recompute the scaling from the current length (``ntk``, ``clex``).
-      logn: log-n query scaling, None, ``"log"`` or ``"sqrt"`` (:func:`logn_scale`); forced to
-        ``"log"`` for ``entropy_abf``.
+      logn: log-n query scaling, None, ``"ratio"`` or ``"sqrt"`` (:func:`logn_scale`); forced to
+        ``"ratio"`` for ``entropy_abf``.
       beta_fast, beta_slow, attention_factor, extrapolation_factor: YaRN (32, 1, ``mscale`` =
         ``0.1 ln s + 1`` when None, 1).
       base: new base of ``abf`` / ``entropy_abf`` (500000).
@@ -147,7 +147,7 @@ class RopeScaling:
             raise ValueError(f"dynamic must be a bool; got {self.dynamic!r}")
         put("dynamic", bool(self.dynamic))
         if self.kind == "entropy_abf":
-            put("logn", "log")
+            put("logn", "ratio")
         if self.logn is not None and self.logn not in LOGN_KINDS:
             raise ValueError(f"logn must be None or one of {', '.join(map(repr, LOGN_KINDS))}; got {self.logn!r}")
         if self.dynamic and self.kind not in DYNAMIC_KINDS:
@@ -351,11 +351,11 @@ def apply_rope(x: Array, positions: Any, inv_freq: Array) -> Array:
 # ----------------------------------------------------------------------------- log-n scaling
 
 
-def logn_scale(length: Any, train_length: int, kind: str = "log", *, clamp: bool | None = None) -> Array:
+def logn_scale(length: Any, train_length: int, kind: str = "ratio", *, clamp: bool | None = None) -> Array:
     """Entropy-invariant logit factor for ``length`` keys (n >= 1) of a model trained at
     ``train_length`` (T >= 2); float32, ``length``'s shape.
 
-    - ``kind="log"``: ``log_T n = ln n / ln T``, clamped below at 1 by default: Chiang & Cholak
+    - ``kind="ratio"``: ``log_T n = ln n / ln T``, clamped below at 1 by default: Chiang & Cholak
       2022 ("Overcoming a Theoretical Limitation of Self-Attention", log-n scaled logits) as used
       by Entropy-ABF (Zhang et al. 2024, ``max(1, ln(m+1)/ln 4096)`` per query position ``m``)
       and by ``zoo.attention.softmax(logn_train_length=T)`` (``n`` = keys the query sees).
@@ -376,7 +376,7 @@ def logn_scale(length: Any, train_length: int, kind: str = "log", *, clamp: bool
     f = jnp.log(n) / math.log(t)
     if kind == "sqrt":
         f = jnp.sqrt(f)
-    if clamp if clamp is not None else kind == "log":
+    if clamp if clamp is not None else kind == "ratio":
         f = jnp.maximum(f, 1.0)
     return f
 
