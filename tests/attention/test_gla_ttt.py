@@ -24,7 +24,7 @@ def load(name):
 # ----------------------------------------------------------------------------- GLA
 
 
-@pytest.mark.parametrize("impl,chunk", [("chunked", 4), ("chunked", 16), ("scan", None)])
+@pytest.mark.parametrize("impl,chunk", [("chunked", 4), ("scan", None)])
 def test_gla_matches_fla_naive(impl, chunk):
     """fla's ``naive_recurrent_gla`` scales q by K^-0.5 and takes log-decays ``gk``: zoo rates
     are ``-gk``. Output, final state and every gradient (the decay's through learn_decay)."""
@@ -69,7 +69,7 @@ def test_gla_limits_finite_and_exact(kind):
     opts = dict(causal=True, feature_map="identity", normalize=False, decay=rates)
     ref = za.linear_naive(q, k, v, **opts)
     assert bool(jnp.all(jnp.isfinite(ref)))
-    for impl, c in (("chunked", 8), ("chunked", 32), ("scan", None)):
+    for impl, c in (("chunked", 4), ("scan", None)):
         out = za.linear(q, k, v, impl=impl, chunk_size=c, **opts)
         assert bool(jnp.all(jnp.isfinite(out)))
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=f"{impl} {c}")
@@ -194,13 +194,13 @@ def test_ttt_bad_input_names_argument():
         za.ttt(q, q, q, residual="bogus", key=jax.random.PRNGKey(0), causal=True)
 
 
-@pytest.mark.parametrize("chunk", [5, 32])
+@pytest.mark.parametrize("chunk", [32])
 def test_gla_chunked_gradient_equals_scan(chunk):
     """Longer than one 16-token chunk (chunk_size above 16 means 16): the chunked form's
     gradient equals the scan's (whose VJP is the chunked one's: so also against the naive)."""
     ks = jax.random.split(jax.random.PRNGKey(6), 4)
-    q, k, v = (jax.random.normal(x, (1, 37, 2, 4)) for x in ks[:3])
-    rates = jax.random.uniform(ks[3], (1, 37, 2, 4), maxval=1.0)
+    q, k, v = (jax.random.normal(x, (1, 21, 2, 3)) for x in ks[:3])
+    rates = jax.random.uniform(ks[3], (1, 21, 2, 3), maxval=1.0)
     opts = dict(causal=True, feature_map="identity", normalize=False, decay=rates, learn_decay=True)
     loss = lambda f, **o: jax.grad(lambda q, k, v, r: jnp.sum(jnp.sin(f(q, k, v, **{**opts, "decay": r}, **o))),
                                    argnums=range(4))(q, k, v, rates)

@@ -69,6 +69,7 @@ def test_gradients_equal_reference(impl, decay):
     tree_assert_close(got, ref, **GTOL, what=f"grad {impl}")
 
 
+@pytest.mark.slow  # left out of CI (README test command); run with -m slow
 def test_gradient_wrt_decay_rates():
     """learn_decay=True: every form is differentiable in the rates and equals the reference."""
     q, k, v = qkv(t=13)
@@ -169,6 +170,7 @@ def test_bf16_finite_and_close(fm):
     assert_close(out.astype(jnp.float32), ref, atol=3e-2, rtol=3e-2, what=f"bf16 {fm}")
 
 
+@pytest.mark.slow  # left out of CI (README test command); run with -m slow
 def test_long_sequence_decay_stays_finite():
     q, k, v = qkv(b=1, t=2048, h=2, hk=2, d=4, e=4)
     out = za.linear(q, k, v, causal=True, decay=np.array([0.0, 5.0], np.float32), impl="chunked",

@@ -205,6 +205,7 @@ def test_prefill_then_step_and_window_ring():
     assert_close(jnp.stack(ys, 1), par[:, 9:], **TOL)
 
 
+@pytest.mark.slow  # left out of CI (README test command); run with -m slow
 def test_streaming_llm_sinks():
     q, k, v = qkv(t=20, h=2, hk=2)
     ns, cap = 2, 8

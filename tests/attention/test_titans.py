@@ -336,6 +336,7 @@ def test_default_gates_and_registry():
     assert st.count.shape == () and st.count.dtype == jnp.int32 and int(st.count) == 0
 
 
+@pytest.mark.slow  # left out of CI (README test command); run with -m slow
 def test_jit_vmap_bf16_long():
     q, k, v, g = inputs(seed=10)
     y = titans(q, k, v, chunk_size=C5, **mlp(1), **g)
@@ -438,9 +439,9 @@ def test_prediction_key_chunked_equals_naive_and_decodes():
     """Chunked (C=3, MLP memory, momentum) == naive with a separate prediction key, gradients
     too; p = k gives plain Titans; token steps continue the parallel form."""
     ks = jax.random.split(jax.random.PRNGKey(8), 5)
-    b, t, h, d = 1, 7, 2, 4
+    b, t, h, d = 1, 6, 1, 3
     q, k, p, v = (jax.random.normal(x, (b, t, h, d)) for x in ks[:4])
-    opts = dict(depth=2, key=ks[4], chunk_size=3, causal=True, theta=0.05, eta=0.8, alpha=0.1)
+    opts = dict(depth=2, expansion=2, key=ks[4], chunk_size=3, causal=True, theta=0.05, eta=0.8, alpha=0.1)
     run = lambda f, q, k, p, v: f(q, k, v, prediction_key=p, **opts)
     np.testing.assert_allclose(run(za.titans, q, k, p, v), run(za.titans_naive, q, k, p, v), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(run(za.titans, q, k, k, v), za.titans(q, k, v, **opts), rtol=1e-5, atol=1e-5)

@@ -260,7 +260,8 @@ def test_generate_sampling():
         pytest.param("aaren", id="aaren"),
         pytest.param({"module": "titans_mac", "segment_len": 4, "num_persistent": 2, "chunk_size": 2},
                      id="titans_mac"),
-        pytest.param({"module": "titans_mal", "window": 3, "num_persistent": 1, "chunk_size": 2}, id="titans_mal"),
+        pytest.param({"module": "titans_mal", "window": 3, "num_persistent": 1, "chunk_size": 2}, id="titans_mal",
+                     marks=pytest.mark.slow),
     ],
 )
 def test_generate_prefill_then_decode_equals_all_decode(spec):

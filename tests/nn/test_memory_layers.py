@@ -142,7 +142,7 @@ def _prefill_then_decode(layer, x, n, traced):
     return jnp.concatenate(ys, axis=1), jnp.concatenate([y1, y2], axis=1), st, st2
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 4])
+@pytest.mark.parametrize("chunk", [1, pytest.param(3, marks=pytest.mark.slow), 4])
 def test_titans_prefill_then_decode_equals_forward(chunk):
     """Regression (issue 10): prefill(first 5 tokens: ends inside a chunk for C = 3, 4; T = 11 is
     not a multiple of C) + decode_step(rest) == prefill + prefill(rest, position=5) == forward,

@@ -18,7 +18,7 @@ def test_sown_entropy_matches_direct_softmax_and_outputs_unchanged():
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
     ent = jax.tree.leaves(stats["attention_entropy"])[0]
     # Direct numpy: entropy of the causal softmax rows of the module's own q, k.
-    q, k, _ = mha._project(x, jnp.arange(6))
+    q, k, _ = mha._project(x, jnp.arange(6), mha.inv_freq())
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
     logits = np.where(np.tril(np.ones((6, 6), bool)), logits, -np.inf)

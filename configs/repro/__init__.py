@@ -1,0 +1,1 @@
+"""Reproduction configs: one file per paper claim (docs/reproductions.md)."""
