@@ -104,7 +104,7 @@ def _mixed_rates(rate):
 
 @pytest.mark.parametrize("decay", ["none", "mixed"])
 def test_chunked_equals_recurrence_any_chunk_size(decay):
-    """T = 37 (ragged for every C below), chunk sizes 1, 7, 16, 64: outputs, final states and
+    """T = 37 (ragged for every C below), chunk sizes 1, 7, 64: outputs, final states and
     gradients (q, k, v, beta, h0 and the rates) equal the token recurrence, without decay (DeltaNet)
     and with rates mixing 0, +inf (hard resets), 1e4 and ordinary values (all finite)."""
     q, k, v, beta, rate = _inputs()
@@ -119,7 +119,7 @@ def test_chunked_equals_recurrence_any_chunk_size(decay):
         return jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(q, k, v, beta, h0, d)
 
     g_ref, (o_ref, s_ref) = run(za.deltanet_naive)
-    for c in (1, 7, 16, 64):
+    for c in (1, 7, 64):
         g, (o, s) = run(lambda *a, c=c, **kw: za.deltanet(*a, chunk_size=c, **kw))
         assert_close(o, o_ref, **OUT, what=f"decay={decay} C={c} output")
         assert_close(s, s_ref, **OUT, what=f"decay={decay} C={c} state")

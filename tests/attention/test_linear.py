@@ -44,7 +44,7 @@ def test_causal_forms_equal_reference(impl, decay, normalize):
     assert_close(out, ref, **TOL, what=f"{impl}/{decay}/{normalize}")
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 16, 37, 64])
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 5, 16, 37, 64])
 def test_chunked_any_chunk_size(chunk):
     q, k, v = qkv(t=37)
     ref = za.linear_naive(q, k, v, causal=True, feature_map="taylor")
@@ -83,7 +83,7 @@ def test_gradient_wrt_decay_rates():
         assert_close(got, ref, **GTOL, what=f"d/d decay {impl}")
 
 
-@pytest.mark.parametrize("impl", ["chunked", "scan", "pallas", "naive"])
+@pytest.mark.parametrize("impl", [pytest.param("chunked", marks=pytest.mark.slow), "scan", "pallas", "naive"])
 def test_decay_is_a_constant_by_default(impl):
     """learn_decay=False (default): no gradient flows to the decay in any form, so every
     implementation computes the same function and gradient (the kernel never differentiates it)."""

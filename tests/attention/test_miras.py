@@ -235,7 +235,8 @@ def test_memora_simplex_and_moneta_guard():
     assert float(out[0]) > 0
 
 
-@pytest.mark.parametrize("preset,chunk", [("moneta", 3), ("yaad", 4), ("memora", 3), ("memora", 1)])
+@pytest.mark.parametrize(
+    "preset,chunk", [pytest.param("moneta", 3, marks=pytest.mark.slow), ("yaad", 4), ("memora", 3), ("memora", 1)])
 def test_decoding_is_exact_for_every_chunk_size(preset, chunk):
     """Regression (issue 10, defect 2): with T = 13 (not a multiple of 3 or 4) and a 2-layer
     memory, parallel == reference(C) == init_state + prefill(5 tokens, ending inside a chunk for

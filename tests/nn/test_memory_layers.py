@@ -69,7 +69,8 @@ def test_titans_shapes_and_finite_gradients():
 @pytest.mark.parametrize(
     "kw",
     [
-        pytest.param(dict(chunk_size=1, depth=2, conv=4, num_persistent=3), id="c1-mlp-conv-persistent"),
+        pytest.param(dict(chunk_size=1, depth=2, conv=4, num_persistent=3), id="c1-mlp-conv-persistent",
+                     marks=pytest.mark.slow),
         pytest.param(dict(chunk_size=1, depth=1, conv=0, output_norm=False, output_gate=False), id="c1-matrix"),
         pytest.param(dict(chunk_size=4, depth=2, conv=2, num_persistent=2, residual=True), id="c4-chunk-frozen"),
     ],
