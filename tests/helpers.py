@@ -49,6 +49,24 @@ def tree_assert_close(actual, expected, *, atol: float, rtol: float = 0.0, what:
         assert_close(a, e, atol=atol, rtol=rtol, what=f"{what}[{i}]")
 
 
+# One mechanism per distinct path through MultiHeadAttention / DecoderLM (KV cache, ring buffer,
+# step_exact options, recurrent states, learned feature maps, learned transform parameters, memory
+# states, positional): the per-name model-level tests run these in CI and the rest with -m slow
+# (every name's transform-level decoding is the conformance suite's, in CI).
+MODEL_LEVEL_CI = frozenset({"softmax", "sliding_window", "sigmoid", "linear", "hedgehog", "aaren", "flow",
+                            "positional", "titans", "ttt_linear", "deltanet", "s2", "routing"})
+
+
+def ci_subset(names):
+    """``names`` as pytest params, those outside :data:`MODEL_LEVEL_CI` that are transform names
+    marked slow."""
+    import pytest
+
+    import zoo.attention as za
+    return [n if n in MODEL_LEVEL_CI or n not in za.names() else pytest.param(n, marks=pytest.mark.slow)
+            for n in names]
+
+
 def rand(key: int, *shape, dtype=np.float32, scale: float = 1.0):
     return (np.random.default_rng(key).standard_normal(shape) * scale).astype(dtype)
 

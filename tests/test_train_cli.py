@@ -326,6 +326,7 @@ def test_sigterm_mid_log_window_resumes_to_identical_metrics(trained, data_dir, 
     assert read_metrics(w) == read_metrics(trained)
 
 
+@pytest.mark.slow  # a subprocess end to end (exit 143); the in-process SIGTERM test above runs in CI
 def test_sigterm_exit_code_message_and_cli_overrides(data_dir, tmp_path):
     """train.py with new task.params / mixer_options keys from the command line; SIGTERM: a
     checkpoint at the step it names, one line, exit 143 (the exact resume is tested above)."""

@@ -125,6 +125,7 @@ def test_step_over_sequence_equals_parallel(impl):
     tree_assert_close(state, final, **TOL, what="final state")
 
 
+@pytest.mark.slow  # left out of CI (README test command); run with -m slow
 def test_chaining_with_state_equals_one_pass():
     q, k, v = qkv(t=30)
     dec = DECAYS["per_head"]
@@ -341,7 +342,7 @@ def test_rates_zero_and_inf_are_exact(impl, decay):
         assert_close(state.z, z_want, **TOL, what=f"{impl}/{decay} z")
 
 
-@pytest.mark.parametrize("impl", ["chunked", "scan"])
+@pytest.mark.parametrize("impl", [pytest.param("chunked", marks=pytest.mark.slow), "scan"])
 def test_gradients_finite_and_exact_with_resets(impl):
     """learn_decay=True with resets and zero rates: gradients w.r.t. q, k, v and the (finite)
     rates are finite and equal the reference's; the gradient at an infinite rate is 0

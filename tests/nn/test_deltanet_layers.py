@@ -131,7 +131,8 @@ def test_gated_initialisation_and_axes():
             assert len(names(v)) == v[...].ndim
 
 
-@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize(
+    "name", [n if n == "deltanet_layer" else pytest.param(n, marks=pytest.mark.slow) for n in LAYERS])
 def test_decoder_lm_forward_and_grad(name):
     """DecoderLM with the layer as mixer: forward finite, a gradient reaching every parameter of the
     layer (beta and decay projections included). (DecoderLM decode == forward for every layer mixer:
