@@ -79,8 +79,10 @@ def _small(c, data_dir):
 TRAINED_HERE = ("selective_copying", "niah", "icl_regression", "positional", "bytes_lm")  # mqar: tests/test_train.py
 
 
-@pytest.mark.parametrize("path, arg", [v for v in config_variants() if v[0].stem in TRAINED_HERE
-                                       and v[1] in (None, "sort")], ids=lambda v: getattr(v, "stem", v))
+@pytest.mark.parametrize("path, arg", [
+    v if v[0].stem not in ("bytes_lm", "niah") else pytest.param(*v, marks=pytest.mark.slow)  # CI time
+    for v in config_variants() if v[0].stem in TRAINED_HERE and v[1] in (None, "sort")],
+    ids=lambda v: getattr(v, "stem", v))
 def test_every_config_file_trains(path, arg, data_dir, tmp_path):
     """Each task's config file (positional.py once, with sort) builds, trains 2 steps and logs;
     the first record's throughput leaves out the compiling first step (``compile_s``)."""
@@ -249,7 +251,8 @@ def _corrupt(workdir: pathlib.Path, step: int, kind: str) -> None:
 KINDS = ["truncated_array_file", "corrupt_metadata", "missing_metadata", "corrupt_config"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [k if k in ("truncated_array_file", "missing_metadata") else
+                                  pytest.param(k, marks=pytest.mark.slow) for k in KINDS])
 def test_unreadable_latest_checkpoint_falls_back(kind, trained, data_dir, tmp_path):
     w = tmp_path / "run"
     shutil.copytree(trained, w)

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 import zoo.attention as za
-from tests.helpers import assert_close, rand, tree_assert_close
+from tests.helpers import MODEL_LEVEL_CI, assert_close, rand, tree_assert_close
 
 B, T, H, D, E = 2, 7, 2, 4, 5  # E != D catches value/key dim mix-ups; T = 7 is ragged for chunks of 3
 PROMPT = 4  # prefill length (mid-chunk for chunk_size 3)
@@ -54,6 +54,9 @@ CASES = _cases()
 # own suite (dtypes, meshes, lowering for the hardware).
 XLA_CASES = [c for c in CASES if not (c.values[1] is not None
                                       and za.implementations(za.get(c.values[0]).impl_family)[c.values[1]].interpret)]
+# bf16 and jit/vmap/remat: every name with -m slow; in CI one name per distinct path (CI time).
+LIGHT_CASES = [c if c.values[0] in MODEL_LEVEL_CI else pytest.param(*c.values, id=c.id, marks=pytest.mark.slow)
+               for c in XLA_CASES]
 
 
 def _setup(name: str, impl: str | None, *, gqa: bool = True):
@@ -141,7 +144,7 @@ def test_causality(name, impl):
     assert float(jnp.max(jnp.abs(y2[:, c:] - y[:, c:]))) > 1e-4, "the change reaches later outputs"
 
 
-@pytest.mark.parametrize("name,impl", XLA_CASES)
+@pytest.mark.parametrize("name,impl", LIGHT_CASES)
 def test_bfloat16(name, impl):
     t, q, k, v, opts, _ = _setup(name, impl)
     bf = lambda x: x.astype(jnp.bfloat16)
@@ -152,7 +155,7 @@ def test_bfloat16(name, impl):
     assert_close(y.astype(jnp.float32), ref, atol=6e-2, rtol=6e-2, what=f"{name} bf16")
 
 
-@pytest.mark.parametrize("name,impl", XLA_CASES)
+@pytest.mark.parametrize("name,impl", LIGHT_CASES)
 def test_jit_vmap_remat(name, impl):
     t, q, k, v, opts, _ = _setup(name, impl)
     f = lambda q, k, v: t(q, k, v, causal=True, **opts)
