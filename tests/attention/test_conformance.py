@@ -54,7 +54,8 @@ CASES = _cases()
 # own suite (dtypes, meshes, lowering for the hardware).
 XLA_CASES = [c for c in CASES if not (c.values[1] is not None
                                       and za.implementations(za.get(c.values[0]).impl_family)[c.values[1]].interpret)]
-# bf16 and jit/vmap/remat: every name with -m slow; in CI one name per distinct path (CI time).
+# Decoding, causality, bf16, jit/vmap/remat: every name with -m slow; in CI one name per distinct
+# path (CI time); forward and gradients: every name in CI.
 LIGHT_CASES = [c if c.values[0] in MODEL_LEVEL_CI else pytest.param(*c.values, id=c.id, marks=pytest.mark.slow)
                for c in XLA_CASES]
 
@@ -113,7 +114,7 @@ def test_gradients_equal_reference(name, impl):
     tree_assert_close(g, g_ref, **GRAD, what=f"{name} grads (q, k, v, {', '.join(diff)})")
 
 
-@pytest.mark.parametrize("name,impl", XLA_CASES)
+@pytest.mark.parametrize("name,impl", LIGHT_CASES)
 def test_prefill_then_step_equals_parallel(name, impl):
     t, q, k, v, opts, hk = _setup(name, impl)
     if not t.decodes:
@@ -133,7 +134,7 @@ def test_prefill_then_step_equals_parallel(name, impl):
     tree_assert_close(st_all, st, **OUT, what=f"{name} state after prefill(all) vs stepping")
 
 
-@pytest.mark.parametrize("name,impl", XLA_CASES)
+@pytest.mark.parametrize("name,impl", LIGHT_CASES)
 def test_causality(name, impl):
     t, q, k, v, opts, _ = _setup(name, impl)
     f = jax.jit(lambda q, k, v: t(q, k, v, causal=True, **opts))

@@ -34,7 +34,7 @@ DECAYS = {
 
 @pytest.mark.parametrize("impl", ["chunked", "scan"])
 @pytest.mark.parametrize("decay", list(DECAYS))
-@pytest.mark.parametrize("normalize", [True, False, "mean"])
+@pytest.mark.parametrize("normalize", [True, False, pytest.param("mean", marks=pytest.mark.slow)])
 def test_causal_forms_equal_reference(impl, decay, normalize):
     q, k, v = qkv()
     kw = dict(causal=True, decay=DECAYS[decay], normalize=normalize)
@@ -311,7 +311,7 @@ LIMIT_DECAYS["all_inf_per_token"] = np.full((2, _T, 4), np.inf, np.float32)
 
 
 @pytest.mark.parametrize("decay", list(LIMIT_DECAYS))
-@pytest.mark.parametrize("impl", ["chunked", "scan", "pallas", "naive", "step"])
+@pytest.mark.parametrize("impl", ["chunked", "scan", pytest.param("pallas", marks=pytest.mark.slow), "naive", "step"])
 def test_rates_zero_and_inf_are_exact(impl, decay):
     """Defect 4: a rate of +inf (a hard reset) gave NaN in the chunked form from the reset on and
     everywhere in linear_naive. Every form is finite and equals the float64 recurrence (outputs
