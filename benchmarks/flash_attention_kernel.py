@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,18 +45,8 @@ import numpy as np  # noqa: E402
 
 from kernels_pallas.flash_attention import flash_attention, flash_attention_reference  # noqa: E402
 
-# Dense bf16 peak TFLOP/s by device_kind substring (shared/design/benchmarks.md section 2).
-PEAKS = (
-    ("H200", 989.4), ("H100", 989.4), ("A100", 312.0), ("v6 lite", 918.0), ("v6e", 918.0),
-    ("v5 lite", 197.0), ("v5e", 197.0), ("v5p", 459.0), ("v5", 459.0),
-)
-
-
-def device_peak(kind: str) -> float | None:
-    for key, peak in PEAKS:
-        if key.lower() in kind.lower():
-            return peak
-    return None
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from linear_attention_kernel import device_peak, time_fn, with_backward  # noqa: E402 (one copy of the timing code)
 
 
 def variants(h: int, window: int) -> dict[str, dict[str, Any]]:
@@ -78,26 +66,6 @@ def variants(h: int, window: int) -> dict[str, dict[str, Any]]:
 def attention_flops(b: int, h: int, t: int, d: int, window: int | None, backward: bool) -> float:
     fwd = 4.0 * b * h * t * min(window, t) * d if window else 2.0 * b * h * t * t * d
     return fwd * (3.5 if backward else 1.0)
-
-
-def time_fn(fn: Callable, args: tuple, reps: int) -> float:
-    """Median seconds of ``reps`` calls after one compile and one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def with_backward(f: Callable) -> Callable:
-    def run(q, k, v, ct):
-        out, pull = jax.vjp(f, q, k, v)
-        return out, pull(ct)
-
-    return run
 
 
 def check(opts: dict[str, Any], hkv: int) -> float:

@@ -439,8 +439,9 @@ def softmax(
         additive logits as a function of positions (the blockwise form calls it per block).
       impl: ``"auto"`` (default), ``"xla"`` (the quadratic form), ``"blockwise"``
         (:mod:`zoo.attention.blockwise`: O(T) memory, a window costs O(T w)), ``"cudnn"`` (GPU,
-        plain softmax in bf16/fp16), ``"splash"`` (TPU splash kernel) or an ordered tuple;
-        ``"auto"`` takes the library kernel where it fits, else the quadratic form up to
+        plain softmax in bf16/fp16), ``"splash"`` (TPU splash kernel), ``"pallas"``
+        (``kernels_pallas.flash_attention``; interpret mode on CPU; named explicitly) or an ordered
+        tuple; ``"auto"`` takes the library kernel where it fits, else the quadratic form up to
         ``q_length * k_length = QUADRATIC_LIMIT``, else the blockwise form.
       block_sizes: :class:`zoo.attention.blockwise.BlockSizes` of the blockwise form.
 
@@ -560,12 +561,7 @@ def sigmoid(
     Paper: Ramapuram et al. 2024 (arXiv 2409.04431).
 
     Args:
-      impl: ``"auto"`` (default), ``"xla"`` (the quadratic form), ``"blockwise"``
-        (:mod:`zoo.attention.blockwise`: O(T) memory, a window costs O(T w)), ``"cudnn"`` (GPU,
-        plain softmax in bf16/fp16), ``"splash"`` (TPU splash kernel) or an ordered tuple;
-        ``"auto"`` takes the library kernel where it fits, else the quadratic form up to
-        ``q_length * k_length = QUADRATIC_LIMIT``, else the blockwise form.
-      block_sizes: :class:`zoo.attention.blockwise.BlockSizes` of the blockwise form.
+      impl, block_sizes: as :func:`softmax`.
     """
     check_qkv(q, k, v, causal=causal)
     b_ = -math.log(k.shape[1]) if bias is None else bias
@@ -608,12 +604,7 @@ def softplus(
     reproduction's, not checked against the official code.
 
     Args:
-      impl: ``"auto"`` (default), ``"xla"`` (the quadratic form), ``"blockwise"``
-        (:mod:`zoo.attention.blockwise`: O(T) memory, a window costs O(T w)), ``"cudnn"`` (GPU,
-        plain softmax in bf16/fp16), ``"splash"`` (TPU splash kernel) or an ordered tuple;
-        ``"auto"`` takes the library kernel where it fits, else the quadratic form up to
-        ``q_length * k_length = QUADRATIC_LIMIT``, else the blockwise form.
-      block_sizes: :class:`zoo.attention.blockwise.BlockSizes` of the blockwise form.
+      impl, block_sizes: as :func:`softmax`.
     """
     if not power > 0:
         raise ValueError(f"power must be > 0; got {power!r}")
