@@ -194,7 +194,7 @@ def test_ttt_bad_input_names_argument():
         za.ttt(q, q, q, residual="bogus", key=jax.random.PRNGKey(0), causal=True)
 
 
-@pytest.mark.parametrize("chunk", [32])
+@pytest.mark.parametrize("chunk", [pytest.param(32, marks=pytest.mark.slow)])  # conformance: gla grads in CI
 def test_gla_chunked_gradient_equals_scan(chunk):
     """Longer than one 16-token chunk (chunk_size above 16 means 16): the chunked form's
     gradient equals the scan's (whose VJP is the chunked one's: so also against the naive)."""

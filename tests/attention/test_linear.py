@@ -44,7 +44,7 @@ def test_causal_forms_equal_reference(impl, decay, normalize):
     assert_close(out, ref, **TOL, what=f"{impl}/{decay}/{normalize}")
 
 
-@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 5, 16, 37, 64])
+@pytest.mark.parametrize("chunk", [*(pytest.param(c, marks=pytest.mark.slow) for c in (1, 5)), 16, 37, 64])
 def test_chunked_any_chunk_size(chunk):
     q, k, v = qkv(t=37)
     ref = za.linear_naive(q, k, v, causal=True, feature_map="taylor")
@@ -52,8 +52,9 @@ def test_chunked_any_chunk_size(chunk):
     assert_close(out, ref, **TOL, what=f"chunk {chunk}")
 
 
-@pytest.mark.parametrize("impl", ["chunked", "scan"])
-@pytest.mark.parametrize("decay", ["none", "per_head"])
+@pytest.mark.parametrize("impl, decay", [  # conformance checks every impl's gradients too
+    ("chunked", "per_head"), *(pytest.param(i, d, marks=pytest.mark.slow)
+                               for i, d in (("chunked", "none"), ("scan", "none"), ("scan", "per_head")))])
 def test_gradients_equal_reference(impl, decay):
     q, k, v = qkv(t=19)
     dec = DECAYS[decay]

@@ -42,7 +42,7 @@ FORMS = {
 }
 
 
-@pytest.mark.parametrize("impl", ["xla", "blockwise"])
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "blockwise"])
 @pytest.mark.parametrize("name", list(FORMS))
 def test_equals_reference(name, impl):
     fast, ref, opts = FORMS[name]
@@ -52,7 +52,8 @@ def test_equals_reference(name, impl):
         assert_close(y, ref(q, k, v, causal=causal, **opts), **OUT, what=f"{name} {impl} causal={causal}")
 
 
-@pytest.mark.parametrize("name", list(FORMS))
+@pytest.mark.parametrize("name", [n if n in ("nsa", "routing") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in FORMS])  # conformance checks s2's gradients in CI
 def test_gradients_equal_reference(name):
     fast, ref, opts = FORMS[name]
     q, k, v = _qkv(1)
@@ -74,7 +75,8 @@ def test_gradients_equal_reference(name):
     assert float(jnp.abs(g1[0]).max()) > 0 and float(jnp.abs(g1[1]).max()) > 0  # gradients flow
 
 
-@pytest.mark.parametrize("name", list(FORMS))
+@pytest.mark.parametrize("name", [n if n == "nsa" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in FORMS])  # conformance checks s2's and routing's causality in CI
 def test_causal(name):
     """Changing token c (q, k and v) changes no output before c, and does change later ones."""
     fast, _, opts = FORMS[name]
