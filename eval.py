@@ -10,6 +10,10 @@ splits (``test_ctx{n}``) are plotted against L / c / n, one line per run (mechan
 runs differ in learning rate also gets the best learning rate per mechanism and width
 (``best_learning_rates.json``, chosen on the ``test`` split, as zoology reports).
 
+A run whose config has ``eval.variants`` (name -> config changes, e.g. a RoPE scaling or LSSAR
+re-weighting applied after training) is also evaluated as each variant: the trained parameters in
+the changed model, reported as run ``<run>+<name>`` (``--variants`` picks some, ``none`` none).
+
 Results go to ``--out``, by default the run directory; a read-only run directory is evaluated
 all the same and the results go to ``./eval_<name>`` (one line says so). Exit status 2 with one
 ``config error:`` line for a bad flag, an unwritable ``--out``, a ``--step`` that is not a
@@ -30,6 +34,8 @@ from zoo.checkpoint import CheckpointError, one_line
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory or a sweep directory of runs.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable).")
 _SPLITS = flags.DEFINE_list("splits", None, "Splits to evaluate (default: the config's eval.splits).")
+_VARIANTS = flags.DEFINE_list("variants", None, "Which eval.variants of the runs' configs to evaluate beside "
+                                              "each run (default: all; 'none': none).")
 _OUT = flags.DEFINE_string("out", None, "Where to write results.json and plots (default: workdir, or "
                                         "./eval_<name> when workdir is read-only).")
 
@@ -201,6 +207,35 @@ def best_learning_rates(results: dict) -> list[dict]:
     return out
 
 
+def with_entropy(r: dict) -> dict:
+    """An evaluate() result with its model and sources replaced by the attention entropy."""
+    model, sources = r.pop("model"), r.pop("sources")
+    r["attention_entropy"] = attention_entropy(model, sources["test"])
+    return r
+
+
+def variants(cfg: dict, wanted: list[str] | None) -> list[tuple[str, dict]]:
+    """The run's ``eval.variants`` (name -> config changes applied after training): all, or those
+    of the ``--variants`` names it defines (``none``: none)."""
+    defined = dict((cfg.get("eval") or {}).get("variants") or {})
+    if wanted is None:
+        return sorted(defined.items())
+    return [(n, defined[n]) for n in wanted if n in defined]
+
+
+def check_variants(dirs: list[pathlib.Path], wanted: list[str] | None) -> None:
+    """A ``--variants`` name that no run's config (its config.json) defines is a config error."""
+    if not wanted or wanted == ["none"]:
+        return
+    defined = set()
+    for d in dirs:
+        if (d / "config.json").exists():
+            defined |= set((json.loads((d / "config.json").read_text()).get("eval") or {}).get("variants") or {})
+    if set(wanted) - defined:
+        raise run.ConfigError(f"--variants {sorted(set(wanted) - defined)} are not eval.variants of any run; "
+                              f"defined: {', '.join(sorted(defined)) or 'none'}")
+
+
 def output_dir(workdir: pathlib.Path, out: str | None) -> pathlib.Path:
     """``--out`` (must be writable), else the run directory, else (read-only run) ./eval_<name>."""
     if out:
@@ -229,12 +264,14 @@ def main(argv):
         if not dirs:
             raise run.ConfigError(f"--workdir={_WORKDIR.value}: no run (a directory with checkpoints/) there")
         out = output_dir(workdir, _OUT.value)  # before evaluating: an unwritable --out fails fast
+        check_variants(dirs, _VARIANTS.value)
         for d in dirs:
             r = run.evaluate(d, step=_STEP.value, splits=_SPLITS.value)
-            model = r.pop("model")
-            sources = r.pop("sources")
-            r["attention_entropy"] = attention_entropy(model, sources["test"])
-            results[d.name] = r
+            results[d.name] = with_entropy(r)
+            for name, overrides in variants(r["config"], _VARIANTS.value):
+                rv = run.evaluate(d, step=_STEP.value, splits=_SPLITS.value, overrides=overrides)
+                rv["variant"] = {"name": name, "overrides": overrides}
+                results[f"{d.name}+{name}"] = with_entropy(rv)
         best = best_learning_rates(results)
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
         if best:

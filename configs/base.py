@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.mlp = None
     c.model.short_conv = 0
     c.model.pos = "learned"
+    c.model.rope_scaling = None  # with pos="rope": a zoo.attention.rope scaling dict, e.g. {"kind": "yarn", ...}
     c.model.max_len = 1024
 
     c.optim = ml_collections.ConfigDict()
@@ -53,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
     c.train.progress_bar = True
+    # start from another run's trained parameters (a fine-tune; relative: next to the workdir, so
+    # in a sweep another entry's name), at its newest readable checkpoint or init_step
+    c.train.init_from = ml_collections.config_dict.placeholder(str)
+    c.train.init_step = ml_collections.config_dict.placeholder(int)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all remaining devices
@@ -74,7 +79,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.splits = ("test",)  # splits eval.py reports (length / value-range sweeps add more)
     c.eval.batch_size = 64
     c.eval.max_batches = 16
+    # name -> config changes applied after training (nested dicts, see nest()): eval.py reports
+    # each as run "<run>+<name>", the trained parameters in the changed model (a RoPE scaling,
+    # LSSAR re-weighting); a sweep entry can clear them ({"eval.variants": {}})
+    c.eval.variants = ml_collections.ConfigDict()
     return c
+
+
+def nest(dotted: dict) -> dict:
+    """``{"model.rope_scaling": x}`` -> ``{"model": {"rope_scaling": x}}`` (config sections cannot
+    hold dotted keys; eval.variants values are written with this)."""
+    out: dict = {}
+    for key, value in dotted.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
 
 
 def model_config(name: str, **kwargs) -> ml_collections.ConfigDict:

@@ -44,18 +44,21 @@ def _apply(c, overrides: dict):
 
 
 def _tiny(c, data_dir: str):
-    """The config on a tiny generated task with one out-of-distribution split, two steps of 8; the
+    """The config on a tiny generated task with one out-of-distribution split (value range, context
+    length or sequence length: twice the training length), two steps of 8; the
     positional network at one narrow block (its full size is traced for every sweep entry)."""
     c = copy.deepcopy(c)
     if c.model.name == "positional_transformer":
         c.model.num_blocks, c.model.d_model, c.model.mlp_hidden = 1, 16, 16
     c.task.data_dir = data_dir
     params = zdata.get_task(c.task.name).params
-    tiny = {"num_train": 32, "num_test": 16, "max_scale": 2, "test_context_lengths": (80,)}
+    seq_len = c.task.params.get("seq_len", params["seq_len"].default if "seq_len" in params else 0)
+    tiny = {"num_train": 32, "num_test": 16, "max_scale": 2, "test_context_lengths": (80,),
+            "test_lengths": (2 * seq_len,)}
     for k, v in tiny.items():
         if k in params:
             c.task.params[k] = v
-    far = {"max_scale": "test_c2", "test_context_lengths": "test_ctx80"}
+    far = {"max_scale": "test_c2", "test_context_lengths": "test_ctx80", "test_lengths": f"test_len{2 * seq_len}"}
     c.eval.splits = ("test", *(split for k, split in far.items() if k in params))
     c.train.steps, c.train.batch_size, c.train.log_every, c.train.eval_every = 2, 8, 1, 2
     c.train.checkpoint_every, c.train.eval_batches, c.train.progress_bar = 2, 1, False

@@ -11,12 +11,20 @@ config) every ``train.checkpoint_every`` steps, at the end and on SIGTERM. Same 
 give the same numbers; a run killed (SIGKILL) or preempted (SIGTERM) at any point resumes and
 ends with the same parameters and metrics as an uninterrupted one.
 
+``train.init_from`` (a run directory; relative: next to ``workdir``, so in a sweep another entry's
+name) starts a new run from that run's trained parameters (``train.init_step``, default its newest
+readable checkpoint) with a fresh optimizer: a fine-tune, e.g. at a longer length with a RoPE
+scaling. Parameters the new model adds keep their initialisation; a resumed run continues from
+its own checkpoints.
+
 ``tokens_per_s`` in the train records excludes the first step of each process (compilation),
 whose time is ``compile_s`` in the first train record written by that process.
 
 ``evaluate(workdir)``: restores a run (config + newest readable checkpoint) and computes the
 task metrics on every split in ``eval.splits`` (length / value-range sweeps are splits of the
-task).
+task); with ``overrides`` it evaluates the trained parameters in a model rebuilt from a changed
+config (``eval.variants``: a RoPE scaling or a re-weighting applied after training).
+``load_model(workdir, overrides=...)`` returns such a model.
 """
 
 from __future__ import annotations
@@ -96,6 +104,10 @@ def validate(cfg: dict) -> None:
             f"train.checkpoint_every ({t['checkpoint_every']}) must be a multiple of train.log_every "
             f"({t['log_every']}) so a resumed run logs the same metrics"
         )
+    if t.get("init_from") is not None and not isinstance(t["init_from"], str):
+        raise ConfigError(f"train.init_from must be a run directory (a string) or None; got {t['init_from']!r}")
+    if t.get("init_step") is not None and not (isinstance(t["init_step"], int) and t["init_step"] >= 0):
+        raise ConfigError(f"train.init_step must be a checkpoint step (an int >= 0) or None; got {t['init_step']!r}")
     if t["compute_dtype"] not in ("float32", "bfloat16"):
         raise ConfigError(f"train.compute_dtype must be 'float32' or 'bfloat16'; got {t['compute_dtype']!r}")
     o = cfg["optim"]
@@ -274,6 +286,9 @@ def train(config: Any, workdir: str | os.PathLike, *, on_step: Any = None) -> di
     workdir = pathlib.Path(workdir)
     check_dir(workdir, "--workdir")
     sources, spec, model, trainer = _setup(cfg)
+    if cfg["train"].get("init_from") and not (init_from_dir(cfg["train"], workdir) / "checkpoints").is_dir():
+        raise ConfigError(f"train.init_from={cfg['train']['init_from']!r}: no run at "
+                          f"{init_from_dir(cfg['train'], workdir)} (a directory with checkpoints/)")
     prepare_dir(workdir, "--workdir")
     tcfg = cfg["train"]
     state = trainer.init_state(model)
@@ -289,6 +304,8 @@ def train(config: Any, workdir: str | os.PathLike, *, on_step: Any = None) -> di
     except CheckpointError:
         ckpt.close()
         raise
+    if restored is None and tcfg.get("init_from"):
+        state["params"] = _init_from(tcfg, workdir, state["params"])
     if restored is not None:
         _, state, data_state, _ = restored
         if isinstance(data_state, dict) and set(data_state) == {"iterator", "pending"}:
@@ -390,6 +407,27 @@ def train(config: Any, workdir: str | os.PathLike, *, on_step: Any = None) -> di
     return last
 
 
+def init_from_dir(tcfg: dict, workdir: pathlib.Path) -> pathlib.Path:
+    """``train.init_from`` as a path: absolute, or relative to the run directory's parent (in a
+    sweep, another entry's name)."""
+    p = pathlib.Path(os.path.expanduser(str(tcfg["init_from"])))
+    return p if p.is_absolute() else workdir.absolute().parent / p
+
+
+def _init_from(tcfg: dict, workdir: pathlib.Path, params: nnx.State) -> nnx.State:
+    """The parameters of a new run started from another run's checkpoint (``train.init_from``,
+    its newest readable step or ``train.init_step``): every parameter at the same path is copied
+    (one line lists those kept at their initialisation); the optimizer starts afresh."""
+    src = init_from_dir(tcfg, workdir)
+    state, _, _ = _restore(src, tcfg.get("init_step"))
+    params, kept, unused = transfer_params(state["params"], params, what=f"train.init_from={tcfg['init_from']!r}")
+    if jax.process_index() == 0:
+        copied = f"all but {', '.join(unused)}" if unused else "every"
+        new = f"; new, as initialised: {', '.join(kept)}" if kept else ""
+        print(f"init_from {src} (step {int(state['step'])}): copied {copied} parameter{new}", flush=True)
+    return params
+
+
 def run_dirs(workdir: str | os.PathLike) -> list[pathlib.Path]:
     """``workdir`` if it holds a run, else its sub-directories that do (a sweep)."""
     w = pathlib.Path(workdir)
@@ -398,15 +436,63 @@ def run_dirs(workdir: str | os.PathLike) -> list[pathlib.Path]:
     return sorted(p for p in w.iterdir() if (p / "checkpoints").is_dir()) if w.is_dir() else []
 
 
-def evaluate(workdir: str | os.PathLike, *, step: int | None = None, splits: list[str] | None = None) -> dict:
-    """Restores the run in ``workdir`` (``step``, or the newest readable checkpoint) and returns
-    ``{"step", "task", "kind", "mixer", "seq_len", "task_params", "config", "eval_tokens_per_s",
-    "splits": {split: metrics}, "model", "sources"}`` for ``eval.splits`` (or ``splits``).
+def merge_overrides(cfg: dict, overrides: dict | None) -> dict:
+    """A copy of the config dict ``cfg`` with ``overrides`` merged in: nested dicts
+    (``{"model": {"rope_scaling": {...}}}``) or dotted keys (``{"model.rope_scaling": {...}}``);
+    a dict value under a key that holds a dict is merged key by key, anything else replaces."""
+    out = json.loads(json.dumps(cfg, default=str))
 
-    ``seq_len`` and ``task_params`` come from the resolved task (defaults filled in), not the
-    config. ``eval_tokens_per_s``: evaluation throughput without each split's first batch
-    (compilation). Reads only: a read-only run directory is fine.
-    """
+    def merge(node: dict, key: str, value: Any) -> None:
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        value = config_to_dict(value) if isinstance(value, ml_collections.ConfigDict) else value
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict) and leaf not in _REPLACED_WHOLE:
+            for k, v in value.items():
+                merge(node[leaf], k, v)
+        else:
+            node[leaf] = value
+
+    for key, value in (config_to_dict(overrides) if overrides is not None else {}).items():
+        merge(out, key, value)
+    return out
+
+
+# values that an override replaces whole instead of merging key by key (a RoPE scaling of another
+# kind must not inherit the previous kind's options)
+_REPLACED_WHOLE = ("rope_scaling",)
+
+
+def transfer_params(source: nnx.State, target: nnx.State, *, what: str = "the source run") -> tuple[
+        nnx.State, list[str], list[str]]:
+    """``target`` with every parameter of ``source`` at the same path copied in (placed with the
+    target's sharding); returns ``(state, kept, unused)``: the target's paths not in ``source``
+    (left as initialised, e.g. CLEX's ODE weights added by a RoPE scaling) and the source's paths
+    the target lacks. A parameter whose shape differs is a :class:`ConfigError` naming it."""
+    from flax import traverse_util
+
+    src = traverse_util.flatten_dict(nnx.to_pure_dict(source))
+    dst = traverse_util.flatten_dict(nnx.to_pure_dict(target))
+    name = lambda path: ".".join(map(str, path))  # noqa: E731
+    out, kept = {}, []
+    for path, leaf in dst.items():
+        if path not in src:
+            kept.append(name(path))
+            out[path] = leaf
+            continue
+        if tuple(src[path].shape) != tuple(leaf.shape):
+            raise ConfigError(f"parameter {name(path)}: shape {tuple(src[path].shape)} in {what}, "
+                              f"{tuple(leaf.shape)} in the new model (only options that keep the shapes can change)")
+        out[path] = jax.device_put(jnp.asarray(src[path], leaf.dtype), getattr(leaf, "sharding", None))
+    nnx.replace_by_pure_dict(target, traverse_util.unflatten_dict(out))
+    return target, sorted(kept), sorted(name(p) for p in set(src) - set(dst))
+
+
+def _restore(workdir: str | os.PathLike, step: int | None) -> tuple[dict, dict, dict]:
+    """``(state, config, built)``: the run's newest readable checkpoint (or ``step``), its own
+    config, and ``{config key: _setup(config)}`` of the configs tried."""
     ckpt = Checkpointer(workdir, read_only=True)
     built: dict[str, tuple] = {}
 
@@ -424,7 +510,50 @@ def evaluate(workdir: str | os.PathLike, *, step: int | None = None, splits: lis
     if restored is None:
         raise CheckpointError(f"no checkpoint in {ckpt.directory}")
     _, state, _, cfg = restored
-    sources, spec, _, trainer = built[json.dumps(cfg, sort_keys=True, default=str)]
+    return state, cfg, built
+
+
+def _with_overrides(state: dict, cfg: dict, built: dict, overrides: dict | None, what: str) -> tuple:
+    """``(state, config, (sources, spec, model, trainer))``: the restored run as is, or a model
+    built from the config with ``overrides`` carrying the run's trained parameters."""
+    if not overrides:
+        return state, cfg, built[json.dumps(cfg, sort_keys=True, default=str)]
+    cfg = merge_overrides(cfg, overrides)
+    setup = _setup(cfg, check_step=False)
+    _, params, rest = nnx.split(setup[2], nnx.Param, ...)
+    params, _, unused = transfer_params(state["params"], params, what=what)
+    if unused:
+        raise ConfigError(f"{what}: parameters {unused} have no place in the model with overrides {overrides}")
+    return {"params": params, "rest": rest, "opt_state": None, "step": state["step"]}, cfg, setup
+
+
+def load_model(workdir: str | os.PathLike, *, step: int | None = None, overrides: dict | None = None) -> nnx.Module:
+    """The trained model of the run in ``workdir`` (newest readable checkpoint, or ``step``),
+    optionally rebuilt with config ``overrides`` (nested or dotted keys) and the trained
+    parameters copied in: e.g. a context extension after training,
+    ``load_model("runs/lm", overrides={"model.rope_scaling": {"kind": "yarn", "factor": 4,
+    "original_max_len": 256}})``. Parameters the overrides add (CLEX's ODE weights) keep their
+    initial values."""
+    state, cfg, built = _restore(workdir, step)
+    state, _, (_, _, _, trainer) = _with_overrides(state, cfg, built, overrides, str(workdir))
+    return trainer.model(state)
+
+
+def evaluate(workdir: str | os.PathLike, *, step: int | None = None, splits: list[str] | None = None,
+             overrides: dict | None = None) -> dict:
+    """Restores the run in ``workdir`` (``step``, or the newest readable checkpoint) and returns
+    ``{"step", "task", "kind", "mixer", "seq_len", "task_params", "config", "eval_tokens_per_s",
+    "splits": {split: metrics}, "model", "sources"}`` for ``eval.splits`` (or ``splits``).
+
+    ``overrides``: config changes applied after training (nested or dotted keys, e.g. a RoPE
+    scaling or LSSAR re-weighting): the model is rebuilt from the changed config and the trained
+    parameters are copied in (:func:`load_model`); ``config`` is then the changed one.
+    ``seq_len`` and ``task_params`` come from the resolved task (defaults filled in), not the
+    config. ``eval_tokens_per_s``: evaluation throughput without each split's first batch
+    (compilation). Reads only: a read-only run directory is fine.
+    """
+    state, cfg, built = _restore(workdir, step)
+    state, cfg, (sources, spec, _, trainer) = _with_overrides(state, cfg, built, overrides, str(workdir))
     _, eval_step = trainer.jitted()
     splits = splits or list(cfg["eval"]["splits"])
     unknown = [s for s in splits if s not in sources]

@@ -4,7 +4,9 @@ The files (``paths``: file names or glob patterns, expanded and sorted) are read
 and concatenated in order. The last ``test_fraction`` of the byte stream is the ``test`` split,
 the rest ``train``. Each split is cut into non-overlapping windows of ``seq_len + 1`` bytes
 (a trailing remainder is dropped): ``inputs = w[:-1]``, ``targets = w[1:]``, token ids are byte
-values in [0, 256). The files are read into memory: meant for corpora up to a few hundred MB.
+values in [0, 256). ``test_lengths`` adds length-extrapolation splits ``test_len{L}``: the same
+test bytes cut into windows of ``L + 1`` (so every length is scored on the same text, as far as
+it reaches: ``len(test) // L`` windows). The files are read into memory: meant for corpora up to a few hundred MB.
 
 The files' content hash is part of the cache key, so editing a file rebuilds the dataset.
 """
@@ -74,8 +76,15 @@ def _check(p: dict[str, Any]) -> dict[str, Any]:
         with open(path, "rb") as f:
             h.update(hashlib.sha256(f.read()).digest())
     p["content_sha256"] = h.hexdigest()
+    p["test_lengths"] = R.check_int_tuple("test_lengths", p["test_lengths"] or (), low=1)
+    if p["test_lengths"] and p["test_fraction"] == 0:
+        raise ValueError("test_lengths needs a test split (test_fraction > 0)")
     sizes = {k: (len(v) - 1) // p["seq_len"] for k, v in _split_bytes(p).items()}
+    sizes.update({f"test_len{n}": (len(_split_bytes(p)["test"]) - 1) // n for n in p["test_lengths"]})
     for split, count in sizes.items():
+        if count < 1 and split.startswith("test_len"):
+            raise ValueError(f"test_lengths entry {split[8:]}: the test split has fewer than {split[8:]} + 1 bytes "
+                             "(lower it or raise test_fraction)")
         if count < 1:
             raise ValueError(
                 f"seq_len={p['seq_len']}: the {split} split has fewer than seq_len + 1 bytes "
@@ -86,15 +95,21 @@ def _check(p: dict[str, Any]) -> dict[str, Any]:
 
 def _iter(p: dict[str, Any], split: str, seed: int) -> Iterator[dict[str, np.ndarray]]:
     del seed  # the data are the files
-    parts = _split_bytes(p)
-    if split not in parts:
-        raise ValueError(f"split {split!r} not in task 'bytes_lm': {sorted(parts)}")
-    yield byte_windows(parts[split], p["seq_len"])
+    lengths = _lengths(p)
+    if split not in lengths:
+        raise ValueError(f"split {split!r} not in task 'bytes_lm': {sorted(lengths)}")
+    yield byte_windows(_split_bytes(p)[split.split("_len")[0]], lengths[split])
+
+
+def _lengths(p: dict[str, Any]) -> dict[str, int]:
+    """Window length of every split."""
+    out = {k: p["seq_len"] for k in _split_bytes(p)}
+    return {**out, **{f"test_len{n}": n for n in p["test_lengths"]}}
 
 
 def _splits(p: dict[str, Any]) -> dict[str, R.Split]:
     parts = _split_bytes(p)
-    return {k: R.Split((len(v) - 1) // p["seq_len"], {}) for k, v in parts.items()}
+    return {k: R.Split((len(parts[k.split("_len")[0]]) - 1) // n, {}) for k, n in _lengths(p).items()}
 
 
 TASK = R.register(
@@ -106,6 +121,7 @@ TASK = R.register(
             "paths": R.Param(R.REQUIRED, "text files or glob patterns"),
             "seq_len": R.Param(256, "bytes per training window"),
             "test_fraction": R.Param(0.1, "final fraction of the byte stream used as test"),
+            "test_lengths": R.Param((), "lengths of test_len{L} splits (windows of the test bytes)"),
             "content_sha256": R.Param("", "filled in from the files (cache key); leave unset"),
         },
         generate=None,
