@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_heads = 1
     c.model.mlp = None
     c.model.short_conv = 0
+    c.model.gated_conv = 0  # width of a zoology gated-convolution block before each mixer (0: off)
     c.model.pos = "learned"
     c.model.rope_scaling = None  # with pos="rope": a zoo.attention.rope scaling dict, e.g. {"kind": "yarn", ...}
     c.model.max_len = 1024

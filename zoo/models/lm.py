@@ -2,6 +2,7 @@
 
 ``DecoderLM`` stacks pre-norm residual blocks
 
+    x = x + conv_g(g) * (g W + b),  g = norm_g(x)   (optional gated-convolution block, zoology)
     h = norm_1(x);  h = h + conv(h)  (optional short causal conv, as BASED / zoology blocks)
     x = x + mixer(h)                  (any zoo.attention transform or registered mixer module)
     x = x + mlp(norm_2(x))            (SwiGLU or GELU; optional)
@@ -112,15 +113,74 @@ def check_tokens(name: str, tokens: Any, vocab_size: int, *, ndim: int = 2) -> A
     return jnp.asarray(tokens)
 
 
+class GatedConv(nnx.Module):
+    """Zoology's gated short-convolution residual block (BaseConv with a short filter):
+
+        y = x + conv(h) * (h W + b),    h = norm(x),
+
+    ``conv`` a causal depthwise convolution of ``width`` taps with a bias
+    (``conv(h)_t = sum_{i<width} K[i] * h_{t-i} + c``, a :class:`ShortConv`), ``W [d, d]``,
+    ``b [d]``. The elementwise product of the convolved and the projected input is what lets a
+    following recall layer (BASED, linear attention) see "this token and the previous one" in
+    one feature, which MQAR needs (Arora et al. 2023, "Zoology: Measuring and Improving Recall in
+    Efficient Language Models", section 4 / appendix; BASED, Arora et al. 2024, "Simple linear
+    attention language models balance the recall-throughput tradeoff", stacks it before each
+    BASED layer). ``x [B, T, d] -> [B, T, d]``; decoding keeps the conv's last ``width - 1``
+    normalised inputs: :meth:`init_state`, :meth:`prefill`, :meth:`decode_step`, all equal to the
+    parallel form.
+    """
+
+    def __init__(self, d_model: int, width: int, *, dtype: Any = None, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
+        _check_int("gated_conv", width)
+        self.dtype = dtype
+        self.norm = RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv = ShortConv(d_model, width, use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.w = param(rngs, normal_init(d_model), (d_model, d_model), (None, "embed"), param_dtype)
+        self.b = param(rngs, nnx.initializers.zeros, (d_model,), ("embed",), param_dtype)
+
+    def _gate(self, h: Array) -> Array:
+        dt = self.dtype or h.dtype
+        return h.astype(dt) @ self.w[...].astype(dt) + self.b[...].astype(dt)
+
+    def __call__(self, x: Array) -> Array:
+        """``x [B, T, d]`` -> ``x + conv(h) * (h W + b)`` ``[B, T, d]`` (causal)."""
+        h = self.norm(x)
+        return x + (self.conv(h) * self._gate(h)).astype(x.dtype)
+
+    def init_state(self, batch: int) -> Array:
+        """The conv's last ``width - 1`` normalised inputs, zeros: ``[batch, width - 1, d]``."""
+        return self.conv.init_state(batch)
+
+    def decode_step(self, x_t: Array, state: Array) -> tuple[Array, Array]:
+        """One token ``x_t [B, d]`` -> ``(y_t [B, d], state)``."""
+        h = self.norm(x_t)
+        c, state = self.conv.decode_step(h, state)
+        return x_t + (c * self._gate(h)).astype(x_t.dtype), state
+
+    def prefill(self, x: Array, state: Array) -> tuple[Array, Array]:
+        """``x [B, T, d]`` after the inputs kept in ``state`` -> ``(y [B, T, d], state)``, equal to
+        ``T`` :meth:`decode_step` calls."""
+        h = self.norm(x)
+        c, state = self.conv.prefill(h, state)
+        return x + (c * self._gate(h)).astype(x.dtype), state
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: ``x + mixer(h + conv(h))`` with ``h = norm_1(x)``, then
     ``x + mlp(norm_2(x))``. ``conv`` (a :class:`ShortConv` of width ``short_conv``) and the MLP are
-    optional. ``mixer`` is any module with the mixer interface (see ``zoo.nn.register_mixer``)."""
+    optional. With ``gated_conv > 0`` a :class:`GatedConv` residual block of that width runs first
+    (``x + conv(g) * (g W + b)``, ``g = norm(x)``: zoology's BaseConv layer before each mixer).
+    ``mixer`` is any module with the mixer interface (see ``zoo.nn.register_mixer``)."""
 
     def __init__(
         self, d_model: int, mixer: nnx.Module, *, mlp: str | None = "swiglu", mlp_hidden: int = 0,
-        short_conv: int = 0, dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+        short_conv: int = 0, gated_conv: int = 0, dtype: Any = None, param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
     ):
+        _check_int("gated_conv", gated_conv, 0)
+        gate = GatedConv(d_model, gated_conv, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if gated_conv else None
+        self.gate = nnx.data(gate)
         self.norm1 = RMSNorm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         conv = ShortConv(d_model, short_conv, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if short_conv else None
         self.conv = nnx.data(conv)
@@ -133,6 +193,8 @@ class Block(nnx.Module):
 
     def __call__(self, x: Array, *, causal: bool = True, mask: Array | None = None) -> Array:
         """``x [B, T, E]`` -> ``[B, T, E]`` (``mask`` is passed to the mixer only when given)."""
+        if self.gate is not None:
+            x = self.gate(x)
         h = self.norm1(x)
         if self.conv is not None:
             h = h + self.conv(h)
@@ -143,15 +205,20 @@ class Block(nnx.Module):
         return x
 
     def init_state(self, batch: int, max_len: int) -> dict[str, Any]:
-        """Decoding state: ``{"mixer": ..., "conv": ...}`` (``conv`` only with a short conv)."""
+        """Decoding state: ``{"mixer": ..., "conv": ..., "gate": ...}`` (``conv`` only with a short
+        conv, ``gate`` only with a gated-conv block)."""
         state = {"mixer": self.mixer.init_state(batch, max_len)}
         if self.conv is not None:
             state["conv"] = self.conv.init_state(batch)
+        if self.gate is not None:
+            state["gate"] = self.gate.init_state(batch)
         return state
 
     def decode_step(self, x_t: Array, state: dict[str, Any], position: Array) -> tuple[Array, dict[str, Any]]:
         """One token ``x_t [B, E]`` at ``position`` -> ``(y_t [B, E], state)``."""
         state = dict(state)
+        if self.gate is not None:
+            x_t, state["gate"] = self.gate.decode_step(x_t, state["gate"])
         h = self.norm1(x_t)
         if self.conv is not None:
             c, state["conv"] = self.conv.decode_step(h, state["conv"])
@@ -167,6 +234,8 @@ class Block(nnx.Module):
         one parallel call of the conv's and the mixer's ``prefill`` (:func:`prefill_module`),
         equal to ``T`` :meth:`decode_step` calls."""
         state = dict(state)
+        if self.gate is not None:
+            x, state["gate"] = self.gate.prefill(x, state["gate"])
         h = self.norm1(x)
         if self.conv is not None:
             c, state["conv"] = self.conv.prefill(h, state["conv"])
@@ -181,12 +250,13 @@ class Block(nnx.Module):
 def build_blocks(
     *, d_model: int, num_layers: int, num_heads: int, mixers: Any, num_kv_heads: int | None,
     head_dim: int | None, mlp: str | None, mlp_ratio: float, short_conv: int, rope: bool,
-    dtype: Any, param_dtype: Any, rngs: nnx.Rngs, rope_scaling: Any = None,
+    dtype: Any, param_dtype: Any, rngs: nnx.Rngs, rope_scaling: Any = None, gated_conv: int = 0,
 ) -> nnx.List:
     """Validates the shared block arguments and builds the stack of :class:`Block` s."""
     for name, x in (("d_model", d_model), ("num_layers", num_layers), ("num_heads", num_heads)):
         _check_int(name, x)
     _check_int("short_conv", short_conv, 0)
+    _check_int("gated_conv", gated_conv, 0)
     _check_choice("mlp", mlp, MLPS)
     if head_dim is None and d_model % num_heads:
         raise ValueError(f"num_heads ({num_heads}) must divide d_model ({d_model}) (or give head_dim)")
@@ -206,8 +276,8 @@ def build_blocks(
     blocks = []
     for i, spec in enumerate(specs):
         mixer = build_mixer(spec, d_model, rngs=rngs, name=f"mixers[{i}]", **defaults)
-        blocks.append(Block(d_model, mixer, mlp=mlp, mlp_hidden=hidden, short_conv=short_conv, dtype=dtype,
-                            param_dtype=param_dtype, rngs=rngs))
+        blocks.append(Block(d_model, mixer, mlp=mlp, mlp_hidden=hidden, short_conv=short_conv,
+                            gated_conv=gated_conv, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
     return nnx.List(blocks)
 
 
@@ -230,6 +300,10 @@ class DecoderLM(nnx.Module):
       num_kv_heads, head_dim: attention defaults (grouped-query heads; ``d_model // num_heads``).
       mlp: ``"swiglu"``, ``"gelu"`` or None; hidden width ``round(mlp_ratio * d_model)``.
       short_conv: width of a causal depthwise conv applied before each mixer (0 = off).
+      gated_conv: width of the causal depthwise conv of a :class:`GatedConv` residual block
+        ``x + conv(h) * (h W + b)`` (``h = norm(x)``) placed before each mixer block (0 = off):
+        the zoology / BASED stack (Arora et al. 2023, 2024), in which recurrent mixers such as
+        BASED solve MQAR. Decoding carries its conv state.
       pos: ``"rope"`` (rotary, in the attention mixers), ``"learned"`` (``[max_len, d_model]``
         added to the embeddings) or ``"none"``.
       rope_scaling: RoPE length-extrapolation scaling of every attention mixer
@@ -242,7 +316,9 @@ class DecoderLM(nnx.Module):
       dtype: compute dtype; param_dtype: parameter dtype. Logits are float32.
 
     Parameter count with tied embeddings, ``pos="rope"``, SwiGLU, no biases, ``H D = d``:
-    ``V d + L (4 d^2 + 3 d F + 2 d + w d) + d`` (``F`` MLP width, ``w`` short-conv width).
+    ``V d + L (4 d^2 + 3 d F + 2 d + w d) + d`` (``F`` MLP width, ``w`` short-conv width); a
+    gated-conv block of width ``g`` adds ``L (d^2 + (g + 3) d)`` (``W``, ``b``, conv taps and bias,
+    norm).
     """
 
     def __init__(
@@ -258,6 +334,7 @@ class DecoderLM(nnx.Module):
         mlp: str | None = "swiglu",
         mlp_ratio: float = 4,
         short_conv: int = 0,
+        gated_conv: int = 0,
         pos: str = "rope",
         rope_scaling: Any = None,
         max_len: int = 2048,
@@ -275,7 +352,7 @@ class DecoderLM(nnx.Module):
             d_model=d_model, num_layers=num_layers, num_heads=num_heads, mixers=mixers,
             num_kv_heads=num_kv_heads, head_dim=head_dim, mlp=mlp, mlp_ratio=mlp_ratio,
             short_conv=short_conv, rope=pos == "rope", dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-            rope_scaling=rope_scaling,
+            rope_scaling=rope_scaling, gated_conv=gated_conv,
         )
         self.embed = Embed(vocab_size, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if pos == "learned":
@@ -464,5 +541,5 @@ def generate(
     return fn(state, prompt.astype(jnp.int32), key)
 
 
-__all__ = ["Block", "DecoderLM", "LMState", "build_blocks", "check_tokens", "decode_steps", "generate",
+__all__ = ["Block", "DecoderLM", "GatedConv", "LMState", "build_blocks", "check_tokens", "decode_steps", "generate",
            "mixer_specs", "param_count", "prefill_module"]
