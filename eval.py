@@ -64,6 +64,18 @@ def train_x(r: dict, axis: str) -> float | None:
     return None
 
 
+def length_curve(r: dict, metric: str = "loss") -> dict[int, float]:
+    """``{sequence length: metric}`` of one evaluate() result's ``test`` (at the run's own training
+    length) and ``test_len{L}`` splits, sorted by length (the reproduction reports plot these)."""
+    out = {}
+    for split, m in r["splits"].items():
+        if split == "test":
+            out[int(r["seq_len"])] = m[metric]
+        elif (sx := split_x(split, 0)) and sx[0] == "sequence length":
+            out[int(sx[1])] = m[metric]
+    return dict(sorted(out.items()))
+
+
 def plot(results: dict, out: pathlib.Path) -> list[str]:
     import matplotlib
 
