@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -166,6 +167,36 @@ def check_kv_capacity(state: Any, new_tokens: int, position: Any, *, streaming: 
             )
 
 
+def spectral_norm(w: Array, fan_in_axes: int = 1, *, squarings: int = 10) -> Array:
+    """``sigma(W)``: the largest singular value of a kernel seen as the matrix of its linear map,
+    ``[prod(shape[:fan_in_axes]), prod(shape[fan_in_axes:])]`` (``[E, H, D] -> [E, H D]`` with
+    ``fan_in_axes=1``, ``[H, D, E] -> [H D, E]`` with 2); float32.
+
+    The top singular vector ``u`` comes from the Gram matrix ``G = W^T W`` (the smaller side)
+    raised to the power ``2^squarings`` by repeated squaring (normalised by its trace each time):
+    power iteration with ``2^squarings`` steps (1024 by default, converged to float32 unless the
+    top two singular values are within about 2% of each other, where any vector of their span gives
+    ``sigma`` within the same margin) for ``squarings`` small matrix products, much cheaper on CPU
+    than an SVD. ``u`` is stop-gradient and ``sigma = ||W u||``, whose gradient at the top
+    singular vector is the exact ``d sigma = v_1^T dW u_1`` (the derivative through ``u``
+    vanishes there), as the paper's ``sigma = v^T W u`` with stop-gradient ``u, v``.
+    """
+    w = jnp.asarray(w, jnp.float32)
+    if not 1 <= fan_in_axes < w.ndim:
+        raise ValueError(f"fan_in_axes must be in [1, {w.ndim - 1}] for a kernel of shape {w.shape}; got {fan_in_axes}")
+    m = w.reshape(math.prod(w.shape[:fan_in_axes]), -1)
+    if m.shape[0] < m.shape[1]:
+        m = m.T
+    g = jax.lax.stop_gradient(m.T @ m)  # [n, n], n = min(fan_in, fan_out)
+    for _ in range(squarings):
+        g = g / jnp.maximum(jnp.trace(g), 1e-30)
+        g = g @ g
+    norms = jnp.linalg.norm(g, axis=0)
+    col = g[:, jnp.argmax(norms)]  # every column of G^(2^k) is ~ a multiple of u_1
+    u = jax.lax.stop_gradient(col / jnp.maximum(jnp.linalg.norm(col), 1e-30))
+    return jnp.linalg.norm(m @ u)
+
+
 class MultiHeadAttention(nnx.Module):
     """Multi-head (grouped-query) attention whose core is a ``zoo.attention`` transform.
 
@@ -214,6 +245,21 @@ class MultiHeadAttention(nnx.Module):
         whose options include it: the softmax family).
       tie_feature_map: with a learnable feature map (``feature_map="hedgehog"``), share one map
         between q and k instead of one each.
+      sigma_reparam: sigmaReparam on every projection of the layer (q, k, v, o and the output
+        gate): each kernel ``W`` is used as ``W_hat = (gamma / sigma(W)) W`` with ``sigma(W)``
+        its largest singular value (the kernel seen as a ``[fan_in, fan_out]`` matrix) and a
+        learnable scalar ``gamma`` per projection initialised to ``sigma(W_0)`` (so
+        ``W_hat = W`` at init, as the reference vision code). Zhai, Likhomanenko, Littwin,
+        Busbridge, Ramapuram, Zhang, Gu, Susskind, "Stabilizing Transformer Training by
+        Preventing Attention Entropy Collapse" (ICML 2023): the attention entropy is bounded
+        below by a quantity decreasing in ``sigma(W_K W_Q^T)``, and the reparametrisation keeps
+        that spectral norm from growing by itself. The paper estimates ``sigma`` with one
+        power-iteration step per training step from a persistent vector (which tracks the top
+        singular vector; :class:`zoo.nn.SigmaReparamDense`); here ``sigma`` is computed to
+        float32 precision at every call (:func:`spectral_norm`: a converged power iteration),
+        which the persistent estimate converges to; it needs no state (the trainer does not
+        write back non-parameter state) and makes decoding equal the forward. The gradient
+        flows through ``sigma`` as in the paper.
       dtype: compute dtype (default: the input's); param_dtype: parameter dtype.
 
     Learnable feature maps: when the options name a learnable map (``hedgehog``,
@@ -256,10 +302,13 @@ class MultiHeadAttention(nnx.Module):
         use_bias: bool = False,
         sink: bool = False,
         tie_feature_map: bool = False,
+        sigma_reparam: bool = False,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if not isinstance(sigma_reparam, (bool, np.bool_)):
+            raise ValueError(f"sigma_reparam must be a bool; got {sigma_reparam!r}")
         num_heads = _positive("num_heads", num_heads)
         in_features = _positive("in_features", in_features)
         out_features = _positive("out_features", out_features, in_features)
@@ -319,6 +368,7 @@ class MultiHeadAttention(nnx.Module):
         self.rope_scaling = scaling
         self.output_gate, self.use_bias, self.sink, self.dtype = output_gate, use_bias, sink, dtype
         self.tie_feature_map = tie_feature_map
+        self.sigma_reparam = bool(sigma_reparam)
 
         # Options: arrays become non-trainable variables, the rest static (hashable) values.
         arrays = {k: Constant(jnp.asarray(v)) for k, v in kw.items() if _is_array(v)}
@@ -347,6 +397,11 @@ class MultiHeadAttention(nnx.Module):
             self.o_bias = param(rngs, zeros, (out_features,), ("embed",), pd)
         if output_gate:
             self.gate_proj = param(rngs, normal_init(e), (e, h, d), ("embed", "heads", "head_dim"), pd)
+        if self.sigma_reparam:  # gamma = sigma(W_0): W_hat = W at init
+            self.sigma_gamma = nnx.Dict({
+                name: nnx.Param(jnp.asarray(spectral_norm(getattr(self, name)[...], self._fan_in_axes(name)), pd),
+                                 **axes())
+                for name in self._projections()})
         if qk_norm:
             self.q_norm = RMSNorm(d, dtype=dtype, param_dtype=pd, axis_name="head_dim", rngs=rngs)
             self.k_norm = RMSNorm(d, dtype=dtype, param_dtype=pd, axis_name="head_dim", rngs=rngs)
@@ -425,9 +480,29 @@ class MultiHeadAttention(nnx.Module):
         opts = dict(self._static_options)
         return opts.get("window") is not None or bool(opts.get("num_sink_tokens") or 0)
 
-    def _heads(self, x: Array, w: nnx.Param, b: str) -> Array:
+    def _projections(self) -> tuple[str, ...]:
+        """Names of the projection kernels (the linear layers sigmaReparam applies to)."""
+        return ("q_proj", "k_proj", "v_proj", "o_proj") + (("gate_proj",) if self.output_gate else ())
+
+    def kernel(self, name: str) -> Array:
+        """The projection kernel ``name`` (``"q_proj"``, ``"k_proj"``, ``"v_proj"``, ``"o_proj"``,
+        ``"gate_proj"``) as used: the parameter, or with ``sigma_reparam`` the reparametrised
+        ``(gamma / sigma(W)) W`` (float32)."""
+        if name not in self._projections():
+            raise ValueError(f"name must be one of {self._projections()}; got {name!r}")
+        w = getattr(self, name)[...]
+        if not self.sigma_reparam:
+            return w
+        w = w.astype(jnp.float32)
+        return self.sigma_gamma[name][...].astype(jnp.float32) * w / spectral_norm(w, self._fan_in_axes(name))
+
+    @staticmethod
+    def _fan_in_axes(name: str) -> int:
+        return 2 if name == "o_proj" else 1  # o_proj [H, D, E_out]; the others [E, H, D]
+
+    def _heads(self, x: Array, w: Array, b: str) -> Array:
         dt = self.dtype or x.dtype
-        y = jnp.einsum("bte,ehd->bthd", x.astype(dt), w[...].astype(dt))
+        y = jnp.einsum("bte,ehd->bthd", x.astype(dt), w.astype(dt))
         return y + getattr(self, b)[...].astype(dt) if self.use_bias else y
 
     def _dynamic_rope(self) -> bool:
@@ -446,7 +521,7 @@ class MultiHeadAttention(nnx.Module):
 
     def _query(self, x: Array, positions: Array, inv_freq: Array | None) -> Array:
         """``x [B, T, E]`` -> ``q [B, T, H, D]`` (norm, RoPE and the scaling's logit scale applied)."""
-        q = self._heads(x, self.q_proj, "q_bias")
+        q = self._heads(x, self.kernel("q_proj"), "q_bias")
         if self.qk_norm:
             q = self.q_norm(q)
         if not self.rope:
@@ -460,8 +535,8 @@ class MultiHeadAttention(nnx.Module):
     def _keys_values(self, c: Array, positions: Array, inv_freq: Array | None) -> tuple[Array, Array]:
         """``c [B, S, E_kv]`` -> ``k, v [B, S, Hkv, D]`` (norm and RoPE on k; none when
         ``inv_freq`` is None)."""
-        k = self._heads(c, self.k_proj, "k_bias")
-        v = self._heads(c, self.v_proj, "v_bias")
+        k = self._heads(c, self.kernel("k_proj"), "k_bias")
+        v = self._heads(c, self.kernel("v_proj"), "v_bias")
         if self.qk_norm:
             k = self.k_norm(k)
         return (apply_rope(k, positions, inv_freq=inv_freq) if inv_freq is not None else k), v
@@ -500,9 +575,9 @@ class MultiHeadAttention(nnx.Module):
         dt = self.dtype or x.dtype
         y = y.astype(dt)
         if self.output_gate:
-            g = jnp.einsum("bte,ehd->bthd", x.astype(dt), self.gate_proj[...].astype(dt))
+            g = jnp.einsum("bte,ehd->bthd", x.astype(dt), self.kernel("gate_proj").astype(dt))
             y = y * jax.nn.sigmoid(g)
-        out = jnp.einsum("bthd,hde->bte", y, self.o_proj[...].astype(dt))
+        out = jnp.einsum("bthd,hde->bte", y, self.kernel("o_proj").astype(dt))
         if self.use_bias:
             out = out + self.o_bias[...].astype(dt)
         return cast(out, self.dtype)
@@ -618,7 +693,7 @@ MODEL_DEFAULTS = ("num_heads", "num_kv_heads", "head_dim", "rope", "rope_scaling
 MHA_ARGUMENTS = frozenset({
     "num_heads", "qkv_features", "out_features", "num_kv_heads", "in_kv_features", "transform", "transform_kwargs",
     "head_dim", "qk_norm", "rope", "rope_theta", "rope_scaling", "output_gate", "use_bias", "sink", "tie_feature_map",
-    "dtype", "param_dtype",
+    "sigma_reparam", "dtype", "param_dtype",
 })
 
 
