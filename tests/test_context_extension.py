@@ -152,3 +152,14 @@ def test_merge_overrides_nested_dotted_and_whole_scalings():
     assert run.merge_overrides(cfg, {"model.d_model": 16})["model"] == {**cfg["model"], "d_model": 16}
     assert cfg["model"]["d_model"] == 8  # not modified
     assert jax.tree.leaves(base.nest({"a.b.c": 1, "a.d": 2})) == [1, 2]
+
+
+def test_readme_context_extension_example_runs(trained):
+    """The README's three lines, on the trained run (tokens of twice its training length)."""
+    from tests.test_readme import _blocks
+
+    (block,) = [b for b in _blocks() if "run.load_model(" in b]
+    ns = {"long_tokens": np.tile(np.arange(32, dtype=np.int32), (2, 1))}
+    exec(compile(block.replace('"runs/lm"', repr(str(trained))), "README.md", "exec"), ns)  # noqa: S102
+    assert ns["logits"].shape == (2, 32, 256) and np.isfinite(np.asarray(ns["logits"])).all()
+    assert ns["scaled"].blocks[0].mixer.rope_scaling is not None

@@ -85,7 +85,7 @@ def main(run_dir: str, out: str) -> None:
         ax.set_title(f"after a 100-sample fine-tune at {ft_len}" if fine_tuned
                      else "training-free (scaling applied after training)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7.5, loc="upper left")
+        ax.legend(fontsize=7.5, loc="lower right")
     axes[0].set_ylabel(f"held-out per-byte perplexity (trained at {train_len})")
     fig.suptitle("Extending a byte-level RoPE LM's context: perplexity vs evaluation length")
     fig.tight_layout()
