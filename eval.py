@@ -7,8 +7,9 @@
 Length-extrapolation splits (``test_len{L}``), value-range splits (``test_c{c}``) and context
 splits (``test_ctx{n}``) are plotted against L / c / n, one line per run (mechanism), with the
 ``test`` split at the training value (from the resolved task, defaults included). A sweep whose
-runs differ in learning rate also gets the best learning rate per mechanism and width
-(``best_learning_rates.json``, chosen on the ``test`` split, as zoology reports).
+runs differ in learning rate also gets the best learning rate per mechanism, width and task cell
+(runs whose configs differ only in the learning rate; ``best_learning_rates.json``, chosen on the
+``test`` split, as zoology reports).
 
 A run whose config has ``eval.variants`` (name -> config changes, e.g. a RoPE scaling or LSSAR
 re-weighting applied after training) is also evaluated as each variant: the trained parameters in
@@ -196,27 +197,34 @@ def table(results: dict) -> str:
 
 
 def best_learning_rates(results: dict) -> list[dict]:
-    """Per (mechanism, width): the run with the best ``test`` metric (highest accuracy, else
-    lowest loss) and its learning rate; only where the runs of that group differ in learning
-    rate (a zoology-style grid)."""
-    groups: dict[tuple, list] = {}
+    """Per group of runs whose configs differ only in ``optim.learning_rate`` (one mechanism,
+    width and task cell of a zoology-style grid): the run with the best ``test`` metric (highest
+    accuracy, else lowest loss) and its learning rate; only groups that tried several learning
+    rates. ``task``: the task parameters that differ between the groups (the grid's cells)."""
+    groups: dict[str, list] = {}
     for name, r in results.items():
         cfg, m = r.get("config") or {}, r["splits"].get("test") or {}
         if not m:
             continue
-        mixer = r["mixer"] if isinstance(r["mixer"], str) else "/".join(map(str, r["mixer"] or []))
-        key = (mixer, cfg.get("model", {}).get("d_model"))
-        groups.setdefault(key, []).append((name, cfg.get("optim", {}).get("learning_rate"), m))
+        rest = json.loads(json.dumps(cfg, default=str))
+        lr = (rest.get("optim") or {}).pop("learning_rate", None)
+        groups.setdefault(json.dumps([r["mixer"], rest], sort_keys=True, default=str), []).append((name, lr, m, r))
+    params = [(g[0][3].get("config") or {}).get("task", {}).get("params") or {} for g in groups.values()]
+    varying = sorted({k for p in params for k in p if len({json.dumps(q.get(k), default=str) for q in params}) > 1})
     out = []
-    for (mixer, width), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        if len({lr for _, lr, _ in runs}) < 2:
+    for runs in groups.values():
+        if len({lr for _, lr, _, _ in runs}) < 2:
             continue
-        metric = "accuracy" if all("accuracy" in m for _, _, m in runs) else "loss"
+        metric = "accuracy" if all("accuracy" in m for _, _, m, _ in runs) else "loss"
         pick = max if metric == "accuracy" else min
-        name, lr, m = pick(runs, key=lambda t: t[2][metric])
-        out.append({"mixer": mixer, "d_model": width, "learning_rate": lr, "run": name, "metric": metric,
-                    "test": m[metric], "tried": sorted(lr for _, lr, _ in runs)})
-    return out
+        name, lr, m, r = pick(runs, key=lambda t: t[2][metric])
+        mixer = r["mixer"] if isinstance(r["mixer"], str) else "/".join(map(str, r["mixer"] or []))
+        task = {k: r["config"]["task"]["params"].get(k) for k in varying}
+        out.append({"mixer": mixer, "d_model": r["config"].get("model", {}).get("d_model"), "task": task,
+                    "learning_rate": lr, "run": name, "metric": metric, "test": m[metric],
+                    "tried": sorted(lr for _, lr, _, _ in runs)})
+    natural = lambda x: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", json.dumps(x, sort_keys=True))]  # noqa: E731
+    return sorted(out, key=lambda b: natural([b["mixer"], b["d_model"], b["task"]]))
 
 
 def with_entropy(r: dict) -> dict:
@@ -300,10 +308,11 @@ def main(argv):
     print(table(results))
     if best:
         print("\nbest learning rate per mechanism and width (test split):")
-        print("| mixer | d_model | learning rate | test | run |\n|---|---|---|---|---|")
+        print("| mixer | d_model | task | learning rate | test | run |\n|---|---|---|---|---|---|")
         for b in best:
-            print(f"| {b['mixer']} | {b['d_model']} | {b['learning_rate']:g} | {b['test']:.4g} ({b['metric']}) | "
-                  f"{b['run']} |")
+            task = ", ".join(f"{k}={v}" for k, v in b["task"].items()) or "-"
+            print(f"| {b['mixer']} | {b['d_model']} | {task} | {b['learning_rate']:g} | {b['test']:.4g} "
+                  f"({b['metric']}) | {b['run']} |")
     print(f"\nwrote {out / 'results.json'}" + "".join(f"\nwrote {p}" for p in plots))
 
 

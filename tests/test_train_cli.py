@@ -420,6 +420,15 @@ def test_product_sweep_and_best_learning_rate():
            for (name, o), acc in zip(grid.items(), (0.5, 0.9, 0.7, 0.2))}
     best = {b["mixer"]: (b["learning_rate"], b["run"]) for b in ev.best_learning_rates(res)}
     assert best == {"softmax": (2.0, "s-d8-lr2"), "linear": (1.0, "l-d8-lr1")}
+    # two task cells of one mechanism and width: one best learning rate per cell
+    cells = {}
+    for kv, accs in ((4, (0.9, 0.5)), (16, (0.3, 0.6))):
+        for lr, acc in zip((1.0, 2.0), accs):
+            cells[f"s-kv{kv}-lr{lr:g}"] = {"mixer": "softmax", "splits": {"test": {"accuracy": acc}}, "config": {
+                "model": {"d_model": 8}, "optim": {"learning_rate": lr},
+                "task": {"name": "mqar", "params": {"seq_len": 64, "num_kv_pairs": kv}}}}
+    got = [(b["task"], b["learning_rate"], b["test"]) for b in ev.best_learning_rates(cells)]
+    assert got == [({"num_kv_pairs": 4}, 1.0, 0.9), ({"num_kv_pairs": 16}, 2.0, 0.6)]
 
 
 def test_sweep_list_and_sweep_run(tmp_path):
