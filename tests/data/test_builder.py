@@ -33,6 +33,25 @@ def test_build_writes_array_record_and_matches_generator(data_dir):
     assert "tensorflow" not in sys.modules
 
 
+def test_build_survives_losing_a_concurrent_build(tmp_path, monkeypatch):
+    """Two processes building the same data at once (train.py --sweep_procs): the one whose final
+    rename finds the other's finished copy (FileExistsError from tfds) uses that copy."""
+    real = tfds.core.DatasetBuilder.download_and_prepare
+    calls = []
+
+    def lose_the_race(self, *args, **kwargs):
+        calls.append(1)
+        real(self, *args, **kwargs)  # the winner's build lands first ...
+        if len(calls) == 1:  # ... and this process's own rename then fails
+            raise FileExistsError(f"Destination {self.data_dir} already exists.")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", lose_the_race)
+    src = data.build("mqar", tmp_path, seed=3, **SMALL)
+    assert len(calls) == 2 and len(src["train"]) == 24
+    ex = data.get_task("mqar").examples("train", seed=3, **SMALL)
+    np.testing.assert_array_equal(src["train"][23]["inputs"], ex["inputs"][23])
+
+
 def test_build_is_deterministic_and_keyed_by_params_and_seed(data_dir, tmp_path):
     a = data.build("positional_min", data_dir, seed=0, max_scale=3, **SMALL)
     again = data.build("positional_min", data_dir, seed=0, max_scale=3, **SMALL)

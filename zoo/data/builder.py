@@ -135,6 +135,8 @@ def build(task: str, data_dir: str | os.PathLike, *, seed: int = 0, **params: An
 
     Generation is deterministic, so hosts of a multi-host job may each build into a local
     ``data_dir``; on a shared ``data_dir`` build once (e.g. on process 0) before the others read.
+    Processes of one machine that build the same data at the same moment (``--sweep_procs``) all
+    succeed: the one that loses the final rename uses the winner's copy.
 
     Returns:
       :class:`Sources`: ``{split: ArrayRecordDataSource}`` for every split of the task (e.g.
@@ -142,6 +144,13 @@ def build(task: str, data_dir: str | os.PathLike, *, seed: int = 0, **params: An
       with ``.spec``, ``.params`` and ``.info``.
     """
     b = builder(task, data_dir, seed=seed, **params)
-    b.download_and_prepare()
+    try:
+        b.download_and_prepare()
+    except FileExistsError:
+        # Two processes built the same data at once (a sweep with --sweep_procs): the other one
+        # moved its finished copy into place first. Same task, params and seed give identical
+        # data, so use that copy (a fresh builder reads it; prepare is then a no-op).
+        b = builder(task, data_dir, seed=seed, **params)
+        b.download_and_prepare()
     splits = b.as_data_source()
     return Sources(dict(splits), spec=b._spec, params=b._params, info=b.info)
