@@ -31,7 +31,7 @@ from configs import base, bytes_lm
 CORPUS = pathlib.Path(__file__).resolve().parent / "data" / "zoo_sources.txt"
 TRAIN_LEN = 64
 TEST_LENGTHS = (128, 256, 512, 1024)
-STEPS = 2000
+STEPS = 1000
 
 
 def get_config():

@@ -24,7 +24,7 @@ LABELS = {
     "softmax+logn": "softmax + log-n (ratio), after training",
     "softmax+logn_sqrt": "softmax + log-n (sqrt), after training",
     "lssa": "LSSA (softplus)",
-    "lssa+lssar": "LSSAR (LSSA re-weighted, p=15, after training)",
+    "lssa+lssar": "LSSAR (LSSA re-weighted after training, p=15)",
     "sigmoid": "sigmoid (no normalisation)",
 }
 STYLE = {"softmax": ("k", "-"), "softmax+logn": ("tab:grey", "--"), "softmax+logn_sqrt": ("tab:grey", ":"),
