@@ -60,6 +60,8 @@ def _tiny(c, data_dir: str):
             c.task.params[k] = v
     far = {"max_scale": "test_c2", "test_context_lengths": "test_ctx80", "test_lengths": f"test_len{2 * seq_len}"}
     c.eval.splits = ("test", *(split for k, split in far.items() if k in params))
+    if "test_lengths" in params and "max_len" in c.model and c.model.max_len < 2 * seq_len:
+        c.model.max_len = 2 * seq_len  # learned positions must cover the longer split
     c.train.steps, c.train.batch_size, c.train.log_every, c.train.eval_every = 2, 8, 1, 2
     c.train.checkpoint_every, c.train.eval_batches, c.train.progress_bar = 2, 1, False
     c.optim.warmup_steps = 0

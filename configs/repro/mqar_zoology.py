@@ -19,7 +19,8 @@ widths 128-512 and 1e-3 did not fit the CPU budget: BASED's 153-feature Taylor s
 about 7k tokens/s here). Every model: 2 layers, each a gated-convolution block
 of width 3 (zoology's BaseConv kernel size; ``model.gated_conv``) followed by the mixer block,
 no MLP, learned positions. Mechanisms: softmax, BASED (4 heads of 16: the Taylor feature map of
-feature dim 16), linear (elu + 1), GLA, DeltaNet, Titans, Flow, Aaren.
+feature dim 16), linear (elu + 1), GLA and DeltaNet (their papers' layers, ``gla_layer`` and
+``deltanet_layer``), Titans, Flow, Aaren.
 
     python train.py --config=configs/repro/mqar_zoology.py --sweep --sweep_procs=2 --workdir=runs/repro_mqar_zoology
     python eval.py --workdir=runs/repro_mqar_zoology
@@ -37,8 +38,9 @@ MIXERS = {
     # BASED's 2nd-order Taylor map on small q/k heads (the paper's feature dim 16: 273 features)
     "based": {"model.mixer": "based", "model.num_heads": 4},
     "linear": {"model.mixer": "linear"},  # elu + 1 (Katharopoulos et al.)
-    "gla": {"model.mixer": "gla"},
-    "deltanet": {"model.mixer": "deltanet"},
+    # the papers' layers (zoo.nn): short convs, SiLU, l2-normalised q/k, sigmoid beta / low-rank gates
+    "gla": {"model.mixer": "gla_layer"},
+    "deltanet": {"model.mixer": "deltanet_layer"},
     "titans": {"model.mixer": "titans"},
     "flow": {"model.mixer": "flow"},
     "aaren": {"model.mixer": "aaren"},
