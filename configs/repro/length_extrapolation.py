@@ -15,7 +15,8 @@ evaluated on the same held-out bytes at 64..1024 (16x):
   ``max(1, log n_i / log 64)`` on the logits, Chiang & Cholak 2022 / Entropy-ABF) and
   ``logn_sqrt`` (its square root, Jin et al. NeurIPS 2023), both applied after training;
 - ``lssa``: softplus attention (LSSA) trained as such; eval variant ``lssar``: the re-weighting
-  switched on after training (the paper's LSSAR is fine-tuning-free);
+  switched on after training (training-free, as the design notes read the paper);
+- ``lssar``: LSSAR (the re-weighting, p = 15) in training too;
 - ``sigmoid``: sigmoid attention without normalisation (bias ``-log n``), a softmax-free
   alternative that the paper's summary says loses extrapolation.
 
@@ -62,7 +63,7 @@ def get_config():
 
 def get_sweep():
     """softmax (with log-n scalings applied after training), LSSA (with LSSAR re-weighting
-    applied after training) and sigmoid attention, one run each."""
+    applied after training), LSSAR trained as such and sigmoid attention, one run each."""
     opts = lambda **o: base.nest({f"model.mixer_options.{k}": v for k, v in o.items()})  # noqa: E731
     return {
         "softmax": {"model.mixer": "softmax", "eval.variants": {
@@ -70,5 +71,6 @@ def get_sweep():
             "logn_sqrt": opts(logn_train_length=TRAIN_LEN, logn_kind="sqrt"),
         }},
         "lssa": {"model.mixer": "softplus", "eval.variants": {"lssar": opts(reweight=True)}},
+        "lssar": {"model.mixer": "softplus", "model.mixer_options.reweight": True},
         "sigmoid": {"model.mixer": "sigmoid"},
     }

@@ -3,7 +3,7 @@
     python docs/repro_length_extrapolation/make_report.py runs/repro_lenx docs/repro_length_extrapolation
 
 Reads ``<run_dir>/results.json`` (written by ``eval.py``: runs ``softmax``, ``softmax+logn``,
-``softmax+logn_sqrt``, ``lssa``, ``lssa+lssar``, ``sigmoid``); writes ``results.json`` (a copy),
+``softmax+logn_sqrt``, ``lssa``, ``lssa+lssar``, ``lssar``, ``sigmoid``); writes ``results.json`` (a copy),
 ``loss_vs_length.png`` (held-out loss in bits per byte against the evaluation length, and the
 same relative to each model's loss at the training length) and prints a Markdown table.
 """
@@ -24,11 +24,13 @@ LABELS = {
     "softmax+logn": "softmax + log-n (ratio), after training",
     "softmax+logn_sqrt": "softmax + log-n (sqrt), after training",
     "lssa": "LSSA (softplus)",
-    "lssa+lssar": "LSSAR (LSSA re-weighted after training, p=15)",
+    "lssa+lssar": "LSSA re-weighted after training (LSSAR, p=15)",
+    "lssar": "LSSAR (p=15) trained as such",
     "sigmoid": "sigmoid (no normalisation)",
 }
 STYLE = {"softmax": ("k", "-"), "softmax+logn": ("tab:grey", "--"), "softmax+logn_sqrt": ("tab:grey", ":"),
-         "lssa": ("tab:blue", "-"), "lssa+lssar": ("tab:orange", "-"), "sigmoid": ("tab:green", "-")}
+         "lssa": ("tab:blue", "-"), "lssa+lssar": ("tab:orange", "--"),
+         "lssar": ("tab:orange", "-"), "sigmoid": ("tab:green", "-")}
 
 
 def main(run_dir: str, out: str) -> None:
