@@ -16,7 +16,7 @@ import pathlib
 import shutil
 import sys
 
-ORDER = ("softmax", "based", "deltanet", "gla", "titans", "linear", "flow", "aaren")
+ORDER = ("softmax", "based", "deltanet_layer", "gla_layer", "titans", "linear", "flow", "aaren")
 
 
 def main(run_dir: str, out: str) -> None:
