@@ -134,6 +134,7 @@ def _overrides(data_dir: str, steps: int) -> list[str]:
     return [f"--config.{k}={v}" for k, v in flat.items()]
 
 
+@pytest.mark.slow  # CI time; run with -m slow
 def test_sigkill_then_resume_equals_uninterrupted(data_dir, tmp_path):
     steps = 150
     ref_cfg = tiny(data_dir, steps=steps)

@@ -30,7 +30,7 @@ def _setup(seed=0, hk=HK):
     return cache, tok
 
 
-@pytest.mark.parametrize("hk", [HK, H])
+@pytest.mark.parametrize("hk", [HK, pytest.param(H, marks=pytest.mark.slow)])  # CI: grouped heads
 @pytest.mark.parametrize("budget", [P + 1, CAP, 100])
 def test_full_budget_equals_softmax_step(budget, hk):
     cache, (q_t, k_t, v_t) = _setup(hk=hk)

@@ -343,7 +343,7 @@ def test_rates_zero_and_inf_are_exact(impl, decay):
         assert_close(state.z, z_want, **TOL, what=f"{impl}/{decay} z")
 
 
-@pytest.mark.parametrize("impl", [pytest.param("chunked", marks=pytest.mark.slow), "scan"])
+@pytest.mark.parametrize("impl", ["chunked", pytest.param("scan", marks=pytest.mark.slow)])
 def test_gradients_finite_and_exact_with_resets(impl):
     """learn_decay=True with resets and zero rates: gradients w.r.t. q, k, v and the (finite)
     rates are finite and equal the reference's; the gradient at an infinite rate is 0

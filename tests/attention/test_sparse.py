@@ -52,8 +52,8 @@ def test_equals_reference(name, impl):
         assert_close(y, ref(q, k, v, causal=causal, **opts), **OUT, what=f"{name} {impl} causal={causal}")
 
 
-@pytest.mark.parametrize("name", [n if n in ("nsa", "routing") else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in FORMS])  # conformance checks s2's gradients in CI
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
+                                  for n in FORMS])  # conformance checks every form's gradients in CI
 def test_gradients_equal_reference(name):
     fast, ref, opts = FORMS[name]
     q, k, v = _qkv(1)

@@ -84,7 +84,8 @@ def test_zero_width_is_no_block():
 
 @pytest.mark.parametrize(
     "mixers, kw",
-    [("based", {}), ("softmax", {"short_conv": 2, "mlp": "swiglu"}), ("linear", {"gated_conv": 1}),
+    [pytest.param("based", {}, marks=pytest.mark.slow),
+     pytest.param("softmax", {"short_conv": 2, "mlp": "swiglu"}, marks=pytest.mark.slow), ("linear", {"gated_conv": 1}),
      (["softmax", "based"], {"gated_conv": 4, "pos": "learned"})],
     ids=["based", "softmax-shortconv-mlp", "linear-width1", "hybrid-width4-learned"],
 )
@@ -122,6 +123,7 @@ def test_param_count():
         assert n - base == L * (D * D + (g + 3) * D)
 
 
+@pytest.mark.slow  # CI time; run with -m slow
 def test_gradients_reach_the_gate():
     m = lm()
     x = tokens()

@@ -217,6 +217,7 @@ def test_sigmoid_decoding_needs_explicit_bias():
     assert_close(decode(m, x), m(x), atol=1e-5, what="sigmoid with explicit bias")
 
 
+@pytest.mark.slow  # CI time; run with -m slow
 def test_kv_cache_overflow_raises_for_full_attention():
     """Decoding past a full-attention KV cache would evict tokens silently (a ring buffer): it is a
     ValueError on concrete values; a sliding window evicts by design."""

@@ -166,7 +166,7 @@ def test_titans_prefill_then_decode_equals_forward(chunk):
 
 
 @pytest.mark.parametrize("preset", ["moneta", "yaad", "memora"])
-@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("chunk", [1, pytest.param(3, marks=pytest.mark.slow)])  # CI time: chunk 3 with -m slow
 def test_miras_presets_decode_matches_forward(preset, chunk):
     m = MirasMemory(E, H, preset=preset, chunk_size=chunk, num_persistent=2, conv=2, rngs=nnx.Rngs(5))
     x = _x(5, t=8)

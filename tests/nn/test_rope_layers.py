@@ -186,18 +186,3 @@ def test_decoder_lm_rope_scaling():
     with pytest.raises(ValueError, match="rope_scaling needs rotary positions"):
         DecoderLM(32, E, 1, H, pos="learned", rope_scaling=DYN, rngs=nnx.Rngs(0))
 
-
-def test_readme_context_extension_example_runs():
-    """The README's three-line context extension (a ``py`` block: test_readme.py runs the
-    ``python`` ones) on a small model, equal to building the scaled model from the same seed."""
-    import pathlib
-    import re
-
-    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
-    (block,) = [b for b in re.findall(r"```py\n(.*?)```", readme, flags=re.S) if "rope_scaling" in b]
-    kw = dict(vocab_size=32, d_model=E, num_layers=1, num_heads=H)
-    ns = {"DecoderLM": DecoderLM, "nnx": nnx, "kw": kw, "model": DecoderLM(**kw, rngs=nnx.Rngs(1)),
-          "long_tokens": jax.random.randint(jax.random.key(0), (1, 12), 0, 32)}
-    exec(compile(block, "README.md", "exec"), ns)  # noqa: S102 - our own README
-    want = DecoderLM(**kw, rope_scaling={"kind": "yarn", "factor": 8, "original_max_len": 256}, rngs=nnx.Rngs(1))
-    assert_close(ns["logits"], want(ns["long_tokens"]), atol=1e-5, what="README example")

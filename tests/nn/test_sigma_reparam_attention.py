@@ -110,6 +110,7 @@ def test_output_is_invariant_to_kernel_scale_and_gradient_flows_through_sigma():
         assert abs(float(grads["sigma_gamma"][name][...])) > 0
 
 
+@pytest.mark.slow  # CI time; run with -m slow
 def test_decode_and_prefill_equal_forward():
     m = MultiHeadAttention(H, E, sigma_reparam=True, rope=True, rngs=nnx.Rngs(8))
     _randomize(m, 9)

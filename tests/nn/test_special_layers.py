@@ -314,6 +314,7 @@ def test_attention_diagnostics_outputs_unchanged_and_sown_stats():
     assert not nnx.capture(on, nnx.Intermediate)(q, k, v, causal=True)[1]
 
 
+@pytest.mark.slow  # CI time; run with -m slow
 def test_attention_weights_of_any_transform_and_sinks():
     q, k, v = rand(0, 1, 6, 2, 4), rand(1, 1, 6, 2, 4), rand(2, 1, 6, 2, 3)
     for name in ("linear", "flow", "sigmoid", "based"):
