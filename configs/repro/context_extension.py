@@ -23,11 +23,10 @@ windows of 1024 bytes (25 steps of 4, the "100 samples" regime) with the scaling
     python docs/repro_context_extension/make_report.py runs/repro_ctx docs/repro_context_extension
 """
 
-import pathlib
 
 from configs import base, bytes_lm
+from configs.repro import CORPUS
 
-CORPUS = pathlib.Path(__file__).resolve().parent / "data" / "zoo_sources.txt"
 TRAIN_LEN = 256
 FINE_TUNE_LEN = 1024
 TEST_LENGTHS = (256, 512, 1024, 2048, 4096)

@@ -25,11 +25,10 @@ evaluated on the same held-out bytes at 64..1024 (16x):
     python docs/repro_length_extrapolation/make_report.py runs/repro_lenx docs/repro_length_extrapolation
 """
 
-import pathlib
 
 from configs import base, bytes_lm
+from configs.repro import CORPUS
 
-CORPUS = pathlib.Path(__file__).resolve().parent / "data" / "zoo_sources.txt"
 TRAIN_LEN = 64
 TEST_LENGTHS = (128, 256, 512, 1024)
 STEPS = 1000

@@ -24,11 +24,10 @@ report measures each layer's per-head attention entropy over training:
     python docs/repro_sigma_reparam/make_report.py runs/repro_sigma_reparam docs/repro_sigma_reparam
 """
 
-import pathlib
 
 from configs import bytes_lm
+from configs.repro import CORPUS
 
-CORPUS = pathlib.Path(__file__).resolve().parent / "data" / "zoo_sources.txt"
 SEQ_LEN = 64
 STEPS = 300
 CHECKPOINTS = 6  # kept checkpoints: every STEPS // CHECKPOINTS steps

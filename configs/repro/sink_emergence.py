@@ -32,11 +32,10 @@ training:
 """
 
 import math
-import pathlib
 
 from configs import bytes_lm
+from configs.repro import CORPUS
 
-CORPUS = pathlib.Path(__file__).resolve().parent / "data" / "zoo_sources.txt"
 SEQ_LEN = 128
 STEPS = 600
 CHECKPOINTS = 10  # kept checkpoints: every STEPS // CHECKPOINTS steps
